@@ -1,0 +1,143 @@
+"""Checkpoint folders in the diffusers / huggingface_hub convention: ``config.json`` + ``model.safetensors``.
+
+A model class mixes in :class:`PretrainedMixin`, sets ``config_class`` (a dataclass) and ``model_type``
+(a string stored in ``config.json``), and takes its config as the only constructor argument.
+Nothing is unpickled: weights are safetensors, the config is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rqvae.errors import UserError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+T = TypeVar("T", bound="PretrainedMixin")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, deep copy
+
+
+def config_from_dict(config_class: type, data: dict[str, Any], source: str = "config") -> Any:
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(
+            f"{source} has unknown fields {unknown} for {config_class.__name__}; "
+            "was it written by a newer rqvae or for another model type?"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default
+        if isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return config_class(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{source} is incomplete for {config_class.__name__}: {e}") from None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def state_dict_for_saving(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous, unshared copies (safetensors refuses tensors that share memory)."""
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+class PretrainedMixin:
+    config_class: ClassVar[type]
+    model_type: ClassVar[str]
+
+    config: Any
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = {"model_type": self.model_type, **config_to_dict(self.config)}
+        atomic_save_safetensors(state_dict_for_saving(self), path / WEIGHTS_NAME,
+                                metadata={"model_type": self.model_type})
+        atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode())
+        return path
+
+    @classmethod
+    def load_config(cls, path: str | os.PathLike) -> Any:
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"{path} is not a model folder; expected a folder with {CONFIG_NAME} "
+                            f"and {WEIGHTS_NAME} (made by save_pretrained or a training run)")
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.is_file():
+            raise UserError(f"{cfg_file} is missing; is {path} a model folder written by rqvae?")
+        try:
+            data = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg_file} is not valid JSON ({e}); re-save the model") from None
+        model_type = data.pop("model_type", None)
+        if model_type != cls.model_type:
+            raise UserError(f"{path} holds a {model_type!r} model, not a {cls.model_type!r}; "
+                            "pass the folder of the right model")
+        return config_from_dict(cls.config_class, data, source=str(cfg_file))
+
+    @classmethod
+    def from_pretrained(cls: type[T], path: str | os.PathLike, map_location: str | torch.device = "cpu") -> T:
+        path = Path(path)
+        config = cls.load_config(path)
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{weights} is missing; the model folder {path} is incomplete")
+        try:
+            state = load_file(str(weights), device=str(map_location))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"{weights} could not be read ({e}); the file is corrupt or truncated") from None
+        model = cls(config)  # type: ignore[call-arg]
+        load_state_dict_checked(model, state, source=str(weights))
+        return model.to(map_location)
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a one-line UserError for missing, unexpected or mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of {k} is {tuple(state[k].shape)}, config expects {tuple(own[k].shape)}")
+        raise UserError(f"{source} does not match its config: {'; '.join(parts)}")
+    model.load_state_dict(state)
