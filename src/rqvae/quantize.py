@@ -1,0 +1,571 @@
+"""Residual quantization (RQ), the tokenizer's bottleneck (Lee et al., CVPR 2022, Sec. 3.1).
+
+A vector ``z`` is represented by ``D`` codes ``(k_1, ..., k_D)`` chosen coarse to fine (Eq. 4)::
+
+    r_0 = z
+    k_d = argmin_k || r_{d-1} - e(k) ||^2          # nearest code to the current residual
+    r_d = r_{d-1} - e(k_d)
+
+and reconstructed by the partial sums ``Z_hat^(d) = sum_{i<=d} e(k_i)`` (Eq. 5); ``Z_hat = Z_hat^(D)``.
+One codebook is shared by all depths (the paper's default) or, optionally, each depth has its own.
+
+Training (Sec. 3.1.2): the codebook rows are exponential moving averages of the vectors assigned to
+them (no gradient), the encoder gets the straight-through gradient ``z + sg[z_hat - z]`` and the
+commitment loss (Eq. 7) ``sum_d || Z - sg[Z_hat^(d)] ||^2``. Codes that go unused are restarted from
+vectors of the current (global) batch.
+
+Stage 2 trains on soft labels (Eq. 15): along the residual path, ``Q_tau(k | r_{d-1})`` is the
+softmax over codes of ``-|| r_{d-1} - e(k) ||^2 / tau``; :meth:`ResidualQuantizer.soft_codes` returns
+these and codes drawn from them (stochastic sampling).
+
+Everything here runs on any device; distances are always computed in float32 with autocast off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rqvae.errors import UserError
+
+# Bound on the elements of one (rows x codes) distance matrix; encode is chunked over rows to stay below.
+_DIST_ELEMENTS = 1 << 24
+
+
+@dataclass
+class QuantizerOutput:
+    """Result of a training forward pass."""
+
+    quantized: Tensor  # (..., dim) z + sg[z_hat - z]: the value of z_hat, the gradient of z
+    codes: Tensor  # (..., depth) int64
+    commitment_loss: Tensor  # () float32, Eq. 7 (see ResidualQuantizer for the normalisation)
+
+
+@dataclass
+class CodebookUsage:
+    """Code usage per depth (from the vectors given to ``usage``, or from the training EMA counts)."""
+
+    counts: Tensor  # (depth, K) how often each code was chosen at each depth (EMA counts if from training)
+    used: list[int]  # per depth: codes with a non-zero count
+    perplexity: list[float]  # per depth: exp(entropy of the code distribution); K means uniform usage
+    dead: list[int]  # per codebook: codes below the dead-code threshold of the EMA statistics
+
+    def as_dict(self) -> dict[str, list[int] | list[float]]:
+        return {"used": self.used, "perplexity": self.perplexity, "dead": self.dead}
+
+
+def _dist_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+@contextmanager
+def _float32(device: torch.device) -> Iterator[None]:
+    """Autocast off: code distances are compared in float32 (bf16 would flip near-ties)."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+class ResidualQuantizer(nn.Module):
+    """Residual quantizer with EMA codebooks (Sec. 3.1 of the paper).
+
+    Args:
+        dim: vector size ``n_z``.
+        codebook_size: codes per codebook ``K``.
+        depth: number of codes per vector ``D``.
+        shared_codebook: one codebook for all depths (paper default) or one per depth.
+        ema_decay: decay ``gamma`` of the EMA statistics (official 0.99).
+        eps: Laplace smoothing of the EMA counts (official 1e-5).
+        restart_dead_codes: restart codes whose EMA count falls below the threshold.
+        dead_code_threshold: a code is dead when its EMA count is below this fraction of uniform usage
+            (``threshold * total_count / K``), or, with ``dead_code_relative=False``, below this
+            absolute EMA count. The official code uses an absolute count of 1 (``1.0, relative=False``),
+            which depends on the batch size; the relative form does not.
+        dead_code_relative: see ``dead_code_threshold``.
+        commitment_reduction: ``"mean"`` (official, default): the loss is the mean over depths of the
+            mean squared error ``mean((z - sg[Z_hat^(d)])^2)``; ``"sum"``: the sum over depths of it
+            (Eq. 7 as printed, up to the per-element mean).
+
+    Buffers (all float32, all in the state dict): ``codebook`` (n_books, K, dim), ``ema_count``
+    (n_books, K), ``ema_sum`` (n_books, K, dim), with ``n_books = 1 if shared_codebook else depth``.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, depth: int, shared_codebook: bool = True,
+                 ema_decay: float = 0.99, eps: float = 1e-5, restart_dead_codes: bool = True,
+                 dead_code_threshold: float = 0.1, dead_code_relative: bool = True,
+                 commitment_reduction: str = "mean") -> None:
+        super().__init__()
+        if dim < 1 or codebook_size < 1 or depth < 1:
+            raise UserError(f"ResidualQuantizer needs dim, codebook_size and depth >= 1, got "
+                            f"{dim}, {codebook_size}, {depth}")
+        if commitment_reduction not in ("mean", "sum"):
+            raise UserError(f"commitment_reduction must be 'mean' or 'sum', got {commitment_reduction!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.depth = depth
+        self.shared_codebook = shared_codebook
+        self.n_books = 1 if shared_codebook else depth
+        self.ema_decay = ema_decay
+        self.eps = eps
+        self.restart_dead_codes = restart_dead_codes
+        self.dead_code_threshold = dead_code_threshold
+        self.dead_code_relative = dead_code_relative
+        self.commitment_reduction = commitment_reduction
+        # N(0, 1) like the official nn.Embedding; rows never used keep it until restarted.
+        self.register_buffer("codebook", torch.randn(self.n_books, codebook_size, dim))
+        self.register_buffer("ema_count", torch.zeros(self.n_books, codebook_size))
+        self.register_buffer("ema_sum", torch.zeros(self.n_books, codebook_size, dim))
+        # Per-depth EMA code counts for usage(); bookkeeping only, so not saved.
+        self.register_buffer("depth_count", torch.zeros(depth, codebook_size), persistent=False)
+        # Which codebook each depth reads.
+        self.register_buffer("book_of_depth", torch.arange(depth) if not shared_codebook
+                             else torch.zeros(depth, dtype=torch.long), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, depth={self.depth}, "
+                f"shared_codebook={self.shared_codebook}, ema_decay={self.ema_decay}")
+
+    # ------------------------------------------------------------------ checks
+    def _check_vectors(self, z: Tensor, name: str = "z") -> None:
+        if not torch.is_tensor(z) or not z.is_floating_point():
+            raise UserError(f"{name} must be a floating-point tensor (..., {self.dim}), got "
+                            f"{getattr(z, 'dtype', type(z).__name__)}")
+        if z.dim() < 1 or z.shape[-1] != self.dim:
+            raise UserError(f"{name} has shape {tuple(z.shape)}, but the quantizer expects the last "
+                            f"dimension to be {self.dim}; move the channel axis last (channels-last)")
+
+    def _check_codes(self, codes: Tensor) -> None:
+        if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() \
+                or codes.dtype == torch.bool:
+            raise UserError(f"codes must be an integer tensor (..., depth), got "
+                            f"{getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.dim() < 1:
+            raise UserError("codes must have a last dimension (the depth); got a scalar")
+        if codes.shape[-1] > self.depth:
+            raise UserError(f"codes have {codes.shape[-1]} depths but the quantizer has only "
+                            f"{self.depth}; pass codes[..., :{self.depth}] or use a deeper quantizer")
+        if codes.numel() > 0:
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise UserError(f"codes must lie in [0, {self.codebook_size}), found values in "
+                                f"[{lo}, {hi}]; were they made with a different codebook size?")
+
+    # ------------------------------------------------------------------ basic maps
+    def _book(self, d: int) -> Tensor:
+        return self.codebook[0 if self.shared_codebook else d].float()  # (K, dim)
+
+    def embed(self, codes: Tensor) -> Tensor:
+        """(..., d) int codes -> (..., d, dim) float32 code embeddings ``e(k_1), ..., e(k_d)``."""
+        self._check_codes(codes)
+        codes = codes.long()
+        d = codes.shape[-1]
+        books = self.book_of_depth[:d].expand_as(codes)  # (..., d)
+        return self.codebook[books, codes].float()  # (..., d, dim)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """(..., d) codes -> (..., dim) partial sum ``Z_hat^(d)`` of their embeddings (Eq. 5)."""
+        return self.embed(codes).sum(dim=-2)
+
+    @torch.no_grad()
+    def encode(self, z: Tensor, beam_size: int = 1, prefix_weight: float = 0.0) -> Tensor:
+        """(..., dim) vectors -> (..., depth) int64 codes.
+
+        ``beam_size=1``: greedy residual quantization (Eq. 4). ``beam_size>1``: beam search over code
+        paths, keeping the ``beam_size`` partial paths with the lowest score at each depth and returning
+        the path with the lowest final score. The default score is the squared error of the path's
+        partial sum, so the final error is usually lower than greedy's (not guaranteed: the greedy path
+        can be pruned), but the coarse partial sums ``Z_hat^(d), d < D`` of the chosen path can be
+        worse than greedy's, which hurts generation stopped at a coarse depth and the AR model's
+        coarse-to-fine order.
+        ``prefix_weight > 0`` adds ``prefix_weight * sum_{i<d} ||r_i||^2`` to the score, favouring paths
+        whose coarse partial sums are also good (0 = plain final error; large = close to greedy).
+        """
+        self._check_vectors(z)
+        if beam_size < 1:
+            raise UserError(f"beam_size must be >= 1, got {beam_size}")
+        lead = z.shape[:-1]
+        with _float32(z.device):
+            x = z.detach().reshape(-1, self.dim).float()  # (N, dim)
+            if beam_size == 1:
+                codes = self._greedy(x)
+            else:
+                codes = self._beam(x, beam_size, prefix_weight)
+        return codes.reshape(*lead, self.depth)
+
+    def _greedy(self, x: Tensor) -> Tensor:
+        """(N, dim) float32 -> (N, depth) greedy codes; one matmul per depth and row chunk."""
+        n = x.shape[0]
+        codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
+        books = [self._book(d) for d in range(self.n_books)]
+        sq = [(b * b).sum(1) for b in books]  # ||e_k||^2 per book, (K,)
+        chunk = max(1, _DIST_ELEMENTS // self.codebook_size)
+        for s in range(0, n, chunk):
+            r = x[s:s + chunk].clone()  # (n, dim) residual r_{d-1}
+            for d in range(self.depth):
+                b = 0 if self.shared_codebook else d
+                # ||r - e||^2 = ||r||^2 - 2 r.e + ||e||^2; ||r||^2 is constant per row, so dropped.
+                dist_ = torch.addmm(sq[b], r, books[b].t(), alpha=-2.0)  # (n, K)
+                k = dist_.argmin(dim=1)  # (n,)
+                codes[s:s + chunk, d] = k
+                r -= books[b][k]
+        return codes
+
+    def _beam(self, x: Tensor, beam_size: int, prefix_weight: float) -> Tensor:
+        """(N, dim) -> (N, depth) codes of the best path found by beam search."""
+        n, K = x.shape[0], self.codebook_size
+        out = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
+        books = [self._book(d) for d in range(self.n_books)]
+        sq = [(b * b).sum(1) for b in books]
+        chunk = max(1, _DIST_ELEMENTS // (K * beam_size))
+        for s in range(0, n, chunk):
+            r = x[s:s + chunk][:, None, :]  # (n, B=1, dim)
+            m = r.shape[0]
+            err = (r * r).sum(-1)  # (n, B) ||r||^2
+            prefix = torch.zeros_like(err)  # (n, B) prefix_weight * errors of the coarser partial sums
+            paths = torch.zeros(m, 1, 0, dtype=torch.long, device=x.device)  # (n, B, d)
+            for d in range(self.depth):
+                b = 0 if self.shared_codebook else d
+                B = r.shape[1]
+                cand = err[..., None] - 2.0 * (r @ books[b].t()) + sq[b]  # (n, B, K) ||r - e_k||^2
+                score = (cand + prefix[..., None]).reshape(m, B * K)
+                keep = min(beam_size, B * K)
+                top = score.topk(keep, dim=1, largest=False).indices  # (n, B')
+                parent, k = top // K, top % K
+                r = torch.gather(r, 1, parent[..., None].expand(-1, -1, self.dim)) - books[b][k]
+                err = (r * r).sum(-1)  # recomputed exactly, no drift from the expansion above
+                prefix = torch.gather(prefix, 1, parent) + prefix_weight * err
+                paths = torch.cat([torch.gather(paths, 1, parent[..., None].expand(-1, -1, d)),
+                                   k[..., None]], dim=-1)
+            best = (err + prefix - prefix_weight * err).argmin(dim=1)  # final score: err + earlier prefix
+            out[s:s + chunk] = paths[torch.arange(m, device=x.device), best]
+        return out
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Greedy RQ of ``z`` (..., dim) with the straight-through estimator and the commitment loss.
+
+        In train mode the EMA statistics are updated once per call from the residuals of all depths
+        (pooled when the codebook is shared) after the codes have been chosen with the current codebook.
+        """
+        self._check_vectors(z)
+        lead = z.shape[:-1]
+        with _float32(z.device):
+            x = z.reshape(-1, self.dim).float()  # (N, dim), keeps the graph to z
+            codes = self._greedy(x.detach())  # (N, D)
+            partial = self.embed(codes).cumsum(dim=1)  # (N, D, dim) Z_hat^(1..D), no gradient
+            # Eq. 7: || Z - sg[Z_hat^(d)] ||^2 per depth, as a per-element mean.
+            per_depth = ((x[:, None, :] - partial) ** 2).mean(dim=(0, 2)) if x.shape[0] else \
+                x.new_zeros(self.depth)  # (D,)
+            loss = per_depth.mean() if self.commitment_reduction == "mean" else per_depth.sum()
+            quantized = x + (partial[:, -1] - x).detach()  # straight-through
+            if self.training:
+                residuals = x.detach()[:, None, :] - F.pad(partial[:, :-1], (0, 0, 1, 0))  # (N, D, dim)
+                self._ema_update(residuals, codes)
+        return QuantizerOutput(quantized=quantized.reshape(*lead, self.dim).to(z.dtype),
+                               codes=codes.reshape(*lead, self.depth), commitment_loss=loss)
+
+    @torch.no_grad()
+    def _ema_update(self, residuals: Tensor, codes: Tensor) -> None:
+        """EMA codebook update from residuals (N, D, dim) and their codes (N, D).
+
+        Per codebook b and code k, with counts ``n_k`` and sums ``s_k`` of the vectors assigned to k in
+        this step (summed over depths for a shared codebook and over ranks under torch.distributed)::
+
+            N_k <- gamma N_k + (1 - gamma) n_k ;  S_k <- gamma S_k + (1 - gamma) s_k
+            e_k  = S_k / ((N_k + eps) / (sum_j N_j + K eps) * sum_j N_j)    # Laplace-smoothed mean
+
+        Codes never used (N_k == 0) keep their current vector.
+        """
+        K, D, dim = self.codebook_size, self.depth, self.dim
+        flat_codes = codes + self.book_of_depth * K  # (N, D) index into n_books * K
+        counts = torch.bincount(flat_codes.reshape(-1), minlength=self.n_books * K).float()
+        sums = torch.zeros(self.n_books * K, dim, device=residuals.device)
+        sums.index_add_(0, flat_codes.reshape(-1), residuals.reshape(-1, dim))
+        depth_counts = torch.bincount((codes + torch.arange(D, device=codes.device) * K).reshape(-1),
+                                      minlength=D * K).float()
+        if _dist_world() > 1:  # one all-reduce for all statistics
+            packed = torch.cat([counts, sums.reshape(-1), depth_counts])
+            dist.all_reduce(packed)
+            counts, sums, depth_counts = packed.split([counts.numel(), sums.numel(), depth_counts.numel()])
+        g = self.ema_decay
+        self.ema_count.mul_(g).add_(counts.view(self.n_books, K), alpha=1 - g)
+        self.ema_sum.mul_(g).add_(sums.view(self.n_books, K, dim), alpha=1 - g)
+        self.depth_count.mul_(g).add_(depth_counts.view(D, K), alpha=1 - g)
+        if self.restart_dead_codes:
+            self._restart(residuals)
+        n = self.ema_count.sum(dim=1, keepdim=True)  # (n_books, 1)
+        smoothed = (self.ema_count + self.eps) / (n + K * self.eps) * n  # (n_books, K)
+        used = self.ema_count > 0
+        new = self.ema_sum / smoothed.clamp_min(1e-30)[..., None]
+        self.codebook.copy_(torch.where(used[..., None], new, self.codebook))
+
+    def dead_codes(self) -> Tensor:
+        """(n_books, K) bool: codes whose EMA count is below the dead-code threshold."""
+        thr = self.dead_code_threshold
+        if self.dead_code_relative:
+            thr = thr * self.ema_count.mean(dim=1, keepdim=True)  # fraction of uniform usage
+            return self.ema_count < thr
+        return self.ema_count < thr
+
+    def _restart(self, residuals: Tensor) -> None:
+        """Restart dead codes from random vectors of the global batch; reset their EMA statistics.
+
+        The candidates are the residuals the codebook quantized (all depths for a shared codebook).
+        Under torch.distributed, rank 0 draws indices into the concatenation of all ranks' candidates
+        (in rank order) and broadcasts them; the ranks then sum their parts, so every rank restarts the
+        same codes with the same vectors, exactly as one process would on the concatenated batch.
+        A restarted code gets the count of a uniformly used code (the official count 1 in absolute mode)
+        so that it is not restarted again before it had a chance to be used.
+        """
+        dead = self.dead_codes()  # (n_books, K)
+        n_dead = dead.sum(dim=1).tolist()
+        if not any(n_dead):
+            return
+        for b in range(self.n_books):
+            if not n_dead[b]:
+                continue
+            cand = residuals.reshape(-1, self.dim) if self.shared_codebook else residuals[:, b]
+            vectors = _pick_global(cand, int(n_dead[b]))  # (n_dead, dim)
+            if self.dead_code_relative:
+                reset = self.ema_count[b].mean().clamp_min(1e-3)
+            else:
+                reset = torch.tensor(max(self.dead_code_threshold, 1e-3), device=vectors.device)
+            idx = dead[b].nonzero().squeeze(1)
+            self.ema_count[b, idx] = reset
+            self.ema_sum[b, idx] = vectors * reset
+
+    # ------------------------------------------------------------------ soft labels (Eq. 15)
+    @torch.no_grad()
+    def soft_codes(self, z: Tensor, temperature: float = 0.5, stochastic: bool = True,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Soft labels and codes along a residual path (Eq. 15).
+
+        At each depth ``Q_tau(k | r_{d-1}) = softmax_k(-||r_{d-1} - e(k)||^2 / tau)``; the code ``k_d`` is
+        drawn from it (``stochastic=True``) or is its argmax (then the codes equal ``encode(z)``), and
+        the next residual is ``r_d = r_{d-1} - e(k_d)``.
+
+        Returns ``probs`` (..., depth, K) float32 and ``codes`` (..., depth) int64.
+        """
+        self._check_vectors(z)
+        if not temperature > 0:
+            raise UserError(f"temperature must be > 0, got {temperature}")
+        lead, K = z.shape[:-1], self.codebook_size
+        with _float32(z.device):
+            x = z.detach().reshape(-1, self.dim).float()
+            n = x.shape[0]
+            probs = torch.empty(n, self.depth, K, device=x.device)
+            codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
+            books = [self._book(d) for d in range(self.n_books)]
+            sq = [(b * b).sum(1) for b in books]
+            chunk = max(1, _DIST_ELEMENTS // K)
+            for s in range(0, n, chunk):
+                r = x[s:s + chunk].clone()
+                for d in range(self.depth):
+                    b = 0 if self.shared_codebook else d
+                    # the same expression as _greedy, so argmax == encode exactly; the dropped ||r||^2
+                    # is constant over k and cancels in the softmax.
+                    dist_ = torch.addmm(sq[b], r, books[b].t(), alpha=-2.0)  # (n, K)
+                    p = torch.softmax(-dist_ / temperature, dim=1)
+                    probs[s:s + chunk, d] = p
+                    if stochastic:
+                        gen_device = generator.device if generator is not None else r.device
+                        u = torch.rand(r.shape[0], 1, generator=generator, device=gen_device).to(r.device)
+                        k = (p.cumsum(dim=1) < u).sum(dim=1).clamp_max(K - 1)  # inverse-CDF sample
+                    else:
+                        k = dist_.argmin(dim=1)
+                    codes[s:s + chunk, d] = k
+                    r -= books[b][k]
+        return probs.reshape(*lead, self.depth, K), codes.reshape(*lead, self.depth)
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def usage(self, z: Tensor | None = None) -> CodebookUsage:
+        """Code usage per depth: of ``encode(z)`` when vectors are given, else of the training EMA counts.
+
+        ``used`` counts codes chosen at least once (vectors) or not below the dead-code threshold (EMA);
+        ``perplexity`` is ``exp(H(p_d))`` of the per-depth code distribution; ``dead`` is per codebook.
+        """
+        if z is not None:
+            codes = self.encode(z).reshape(-1, self.depth)
+            offs = torch.arange(self.depth, device=codes.device) * self.codebook_size
+            counts = torch.bincount((codes + offs).reshape(-1), minlength=self.depth * self.codebook_size)
+            counts = counts.view(self.depth, self.codebook_size).float()
+            used = (counts > 0).sum(1)
+        else:
+            counts = self.depth_count.clone()
+            thr = self.dead_code_threshold
+            if self.dead_code_relative:
+                thr = thr * counts.mean(dim=1, keepdim=True)
+            used = ((counts >= thr) & (counts > 0)).sum(1)
+        p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=1)
+        return CodebookUsage(counts=counts.cpu(), used=used.tolist(), perplexity=entropy.exp().tolist(),
+                             dead=self.dead_codes().sum(dim=1).tolist())
+
+    # ------------------------------------------------------------------ offline fit
+    @torch.no_grad()
+    def fit(self, vectors: Tensor, kmeans_iters: int = 20, refine_iters: int = 4, beam_size: int = 8,
+            seed: int = 0, verbose: bool = False) -> float:
+        """Warm-start the codebooks from data (offline); returns the final mean squared error per element.
+
+        1. Initialisation. One codebook per depth: progressive k-means (``kmeans_iters`` Lloyd steps) on
+           each depth's residuals. Shared codebook: k-means on the vectors, then ``kmeans_iters`` pooled
+           Lloyd steps (encode greedily, move each code to the mean of every residual it quantizes at
+           any depth; the batch form of the EMA update).
+        2. ``refine_iters`` passes of: encode with beam search (``beam_size``), then solve for all
+           codebook rows jointly by least squares, ``min_E || Z - A E ||^2`` where ``A[n, k]`` counts the
+           times code k is on vector n's path (a (n_books K)^2 normal system); the best codebook seen
+           (by the MSE of its beam encoding) is kept.
+        3. The EMA statistics are reset to match the fit: ``ema_count`` proportional to the code usage
+           with a mean of 1 per code (a weak prior that training batches soon outweigh), ``ema_sum =
+           codebook * ema_count``.
+        """
+        self._check_vectors(vectors, "vectors")
+        x = vectors.detach().reshape(-1, self.dim).float().contiguous()  # (N, dim)
+        if x.shape[0] < self.codebook_size:
+            raise UserError(f"fit needs at least codebook_size={self.codebook_size} vectors, "
+                            f"got {x.shape[0]}; pass more vectors")
+        g = torch.Generator().manual_seed(seed)
+        K = self.codebook_size
+        with _float32(x.device):
+            if self.shared_codebook:
+                book = _kmeans(x, K, kmeans_iters, g)
+                self.codebook[0] = book
+                for _ in range(kmeans_iters):
+                    codes = self._greedy(x)
+                    partial = self.embed(codes).cumsum(dim=1)
+                    res = (x[:, None] - F.pad(partial[:, :-1], (0, 0, 1, 0))).reshape(-1, self.dim)
+                    counts = torch.bincount(codes.reshape(-1), minlength=K).float()
+                    sums = torch.zeros(K, self.dim, device=x.device).index_add_(0, codes.reshape(-1), res)
+                    self.codebook[0] = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None],
+                                                   self.codebook[0])
+            else:
+                r = x.clone()
+                for d in range(self.depth):
+                    book = _kmeans(r, K, kmeans_iters, g)
+                    self.codebook[d] = book
+                    r -= book[_nearest(r, book)]
+            best_err, best_book = self._mse(x, beam_size), self.codebook.clone()
+            if verbose:
+                print(f"fit: init mse {best_err:.6f}")
+            for it in range(refine_iters):
+                codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
+                self._least_squares(x, codes)
+                err = self._mse(x, beam_size)
+                if verbose:
+                    print(f"fit: refine {it + 1} mse {err:.6f}")
+                if err < best_err:
+                    best_err, best_book = err, self.codebook.clone()
+            self.codebook.copy_(best_book)
+            codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
+            flat = (codes + self.book_of_depth * K).reshape(-1)
+            counts = torch.bincount(flat, minlength=self.n_books * K).float().view(self.n_books, K)
+            self.ema_count.copy_(counts / counts.mean(dim=1, keepdim=True))
+            self.ema_sum.copy_(self.codebook * self.ema_count[..., None])
+            self.depth_count.zero_()
+        return best_err
+
+    def _mse(self, x: Tensor, beam_size: int) -> float:
+        return float(((x - self.decode(self.encode(x, beam_size=beam_size))) ** 2).mean())
+
+    def _least_squares(self, x: Tensor, codes: Tensor, ridge: float = 1.0) -> None:
+        """Joint least-squares codebook for fixed codes: (A^T A + ridge I) E = A^T Z + ridge E_old.
+
+        A direct solve of the (n_books K)^2 system when it is small, conjugate gradients otherwise.
+        """
+        M = self.n_books * self.codebook_size
+        f = codes + self.book_of_depth * self.codebook_size  # (N, D) rows of E on each path
+        old = self.codebook.reshape(M, self.dim).double()
+        rhs = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
+        rhs.index_add_(0, f.reshape(-1), x.double().repeat_interleave(self.depth, dim=0))  # A^T Z
+        rhs += ridge * old
+        if M <= 4096:
+            pairs = (f[:, :, None] * M + f[:, None, :]).reshape(-1)  # all (d, d') pairs on a path
+            gram = torch.bincount(pairs, minlength=M * M).view(M, M).double()  # A^T A
+            gram.diagonal().add_(ridge)
+            new = torch.linalg.solve(gram, rhs)
+        else:
+            def normal_op(e: Tensor) -> Tensor:  # (A^T A + ridge I) e without forming A^T A
+                ae = e[f].sum(dim=1)  # (N, dim) = A e
+                return torch.zeros_like(e).index_add_(0, f.reshape(-1), ae.repeat_interleave(
+                    self.depth, dim=0)) + ridge * e
+            new = old.clone()
+            res = rhs - normal_op(new)
+            p, rr = res.clone(), (res * res).sum()
+            for _ in range(100):
+                ap = normal_op(p)
+                alpha = rr / (p * ap).sum()
+                new += alpha * p
+                res -= alpha * ap
+                rr_new = (res * res).sum()
+                if rr_new.sqrt() < 1e-6 * rhs.norm():
+                    break
+                p, rr = res + (rr_new / rr) * p, rr_new
+        self.codebook.copy_(new.view_as(self.codebook).float())
+
+def _pick_global(candidates: Tensor, n: int) -> Tensor:
+    """``n`` random rows of the concatenation of every rank's ``candidates`` (M_r, dim), same on all ranks.
+
+    Without replacement when there are enough rows, otherwise with replacement. The indices are drawn
+    with the default CPU generator (on rank 0 and broadcast under torch.distributed).
+    """
+    world = _dist_world()
+    device = candidates.device
+    if world == 1:
+        sizes = [candidates.shape[0]]
+    else:
+        local = torch.tensor([candidates.shape[0]], device=device)
+        gathered = [torch.zeros_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        sizes = [int(t) for t in gathered]
+    total = sum(sizes)
+    if total == 0:
+        raise RuntimeError("no vectors to restart dead codes from")  # unreachable: a step has vectors
+    if world == 1 or dist.get_rank() == 0:
+        idx = torch.randperm(total)[:n] if total >= n else torch.randint(total, (n,))
+        idx = idx.to(device)
+    else:
+        idx = torch.empty(n, dtype=torch.long, device=device)
+    if world == 1:
+        return candidates[idx].clone()
+    dist.broadcast(idx, src=0)
+    offset = sum(sizes[:dist.get_rank()])
+    mine = (idx >= offset) & (idx < offset + candidates.shape[0])
+    out = torch.zeros(n, candidates.shape[1], device=device, dtype=candidates.dtype)
+    out[mine] = candidates[idx[mine] - offset]
+    dist.all_reduce(out)
+    return out
+
+
+def _nearest(x: Tensor, book: Tensor) -> Tensor:
+    """(N, dim), (K, dim) -> (N,) index of the nearest row of ``book``, chunked over rows."""
+    sq = (book * book).sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    chunk = max(1, _DIST_ELEMENTS // book.shape[0])
+    for s in range(0, x.shape[0], chunk):
+        out[s:s + chunk] = torch.addmm(sq, x[s:s + chunk], book.t(), alpha=-2.0).argmin(dim=1)
+    return out
+
+
+def _kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
+    """Lloyd's k-means on (N, dim) from k random distinct points; empty clusters re-seeded from points."""
+    n = x.shape[0]
+    centers = x[torch.randperm(n, generator=generator)[:k].to(x.device)].clone()  # (k, dim)
+    for _ in range(iters):
+        assign = _nearest(x, centers)
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+        empty = (counts == 0).nonzero().squeeze(1)
+        if empty.numel():
+            centers[empty] = x[torch.randint(n, (empty.numel(),), generator=generator).to(x.device)]
+    return centers
