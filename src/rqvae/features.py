@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from rqvae import distributed as dist
 from rqvae.errors import UserError
 
 FEATURES_NAME = "features.safetensors"
@@ -58,7 +59,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def dataset_files(ds: Any) -> list[str] | None:
-    """The image files behind a dataset, in item order, when the dataset exposes them."""
+    """The image files behind a dataset, in item order, when the dataset lists them
+    (``ImageFolderDataset.samples`` holds (path, label) pairs)."""
+    samples = getattr(ds, "samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+        return [str(s[0]) for s in samples]
     for name in ("paths", "files", "image_paths"):
         files = getattr(ds, name, None)
         if files is not None and not callable(files):
@@ -67,19 +72,36 @@ def dataset_files(ds: Any) -> list[str] | None:
 
 
 def dataset_fingerprint(ds: Any) -> str:
-    """A hash of the dataset's content listing: (path, size, mtime) per file, else its length."""
+    """A hash of the dataset's content: (path, size, mtime) per file for folders and shards, the pixel
+    bytes for in-memory tensors (Fashion-MNIST, tests), else only its length."""
     h = hashlib.sha256()
     files = dataset_files(ds)
-    if files is None:
-        h.update(f"len={len(ds)}".encode())
-    else:
+    if files is None and isinstance(getattr(ds, "shards", None), list):
+        files = [str(p) for p in ds.shards]
+    images = getattr(ds, "images", None)
+    if files is not None:
         for p in files:
             try:
                 st = os.stat(p)
                 h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             except OSError:
                 h.update(f"{p}\0missing\n".encode())
+    elif isinstance(images, torch.Tensor):
+        h.update(str(tuple(images.shape)).encode())
+        h.update(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(f"len={_length(ds)}".encode())
+    labels = getattr(ds, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        h.update(labels.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _length(ds: Any) -> int | None:
+    try:
+        return len(ds)
+    except TypeError:  # a streamed (WebDataset) source
+        return None
 
 
 @dataclass
@@ -115,7 +137,7 @@ def _cache_meta(vae_dir: str | os.PathLike, data_spec: str, split: str, image_si
         "split": split,
         "image_size": int(image_size),
         "channels": int(channels),
-        "num_images": len(ds),
+        "num_images": _length(ds),
         "dataset_fingerprint": dataset_fingerprint(ds),
         "augmentation": "hflip" if flip else "none",
         "captions_sha256": None if captions is None else
@@ -154,9 +176,12 @@ def compute_features(vae: torch.nn.Module, ds: Any, batch_size: int = 64, flip: 
     lat: list[torch.Tensor] = []
     lat_flip: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    if _length(ds) is None and dist.get_world_size() > 1:
+        raise UserError("a streamed (WebDataset) source is sharded by rank, so its feature cache must be "
+                        "built by a single process: run train-ar once without torchrun with --steps 0 first")
     device = torch.device(device)
     use_amp = bf16 and device.type in ("cpu", "cuda")
-    bar = tqdm(total=len(ds), desc="caching encoder features", unit="img", disable=not progress,
+    bar = tqdm(total=_length(ds), desc="caching encoder features", unit="img", disable=not progress,
                dynamic_ncols=True)
     for batch in _loader(ds, batch_size):
         images = batch["image"].to(device)  # (B, C, S, S) in [-1, 1]
@@ -179,19 +204,6 @@ def compute_features(vae: torch.nn.Module, ds: Any, batch_size: int = 64, flip: 
     return latents, labels_t
 
 
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def load_or_build_features(vae: torch.nn.Module, vae_dir: str | os.PathLike, ds: Any, *, data_spec: str,
                            split: str = "train", image_size: int, channels: int,
                            cache_dir: str | os.PathLike | None = None, flip: bool = False,
@@ -204,12 +216,12 @@ def load_or_build_features(vae: torch.nn.Module, vae_dir: str | os.PathLike, ds:
     The cache folder is written under a temporary name and renamed into place, so an interrupted
     run never leaves a half-written cache behind.
     """
-    if captions is not None and len(captions) != len(ds):
+    if captions is not None and _length(ds) is not None and len(captions) != len(ds):
         raise UserError(f"got {len(captions)} captions for {len(ds)} images; give one caption per image")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     meta = _cache_meta(vae_dir, data_spec, split, image_size, channels, ds, flip, captions)
     folder = cache_dir / cache_key(meta)
-    if _is_main() and not (folder / META_NAME).is_file():
+    if dist.is_main() and not (folder / META_NAME).is_file():
         latents, labels = compute_features(vae, ds, batch_size=batch_size, flip=flip, device=device,
                                            bf16=bf16, progress=progress)
         meta = {**meta, "num_items": int(latents.shape[0]), "latent_shape": list(latents.shape[1:])}
@@ -226,7 +238,7 @@ def load_or_build_features(vae: torch.nn.Module, vae_dir: str | os.PathLike, ds:
             os.replace(tmp, folder)
         except OSError:  # another process finished the same cache first
             shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    dist.barrier()
     if not (folder / META_NAME).is_file():
         raise UserError(f"feature cache {folder} is missing after it was built; is --feature-cache on a "
                         "folder all ranks share?")
