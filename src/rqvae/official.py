@@ -1,0 +1,208 @@
+"""Reading checkpoints in the official layout (kakaobrain/rq-vae-transformer) and converting RQ-VAEs.
+
+An official checkpoint folder holds ``model.pt`` (``{"epoch", "state_dict"[, "state_dict_ema"]}``, only
+tensors, read with ``weights_only=True``) and ``config.yaml`` whose ``arch`` section describes the model
+(``arch.type`` is ``rq-vae`` or ``rq-transformer``).
+
+For the RQ-VAE, the encoder/decoder/quant_conv/post_quant_conv tensors keep their names.  The official
+quantizer stores, per depth d, ``quantizer.codebooks.{d}.weight`` with K + 1 rows (the last row is a padding
+vector that quantization never selects; dropped here), ``cluster_size_ema`` (K) and ``embed_ema`` (K, n_z);
+with a shared codebook all depths hold the same tensors.  They become our quantizer's buffers ``codebook``
+(n_books, K, n_z), ``ema_count`` (n_books, K) and ``ema_sum`` (n_books, K, n_z).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rqvae.errors import UserError
+from rqvae.hub import load_state_dict_checked
+from rqvae.vae import RQVAE, RQVAEConfig
+
+WEIGHT_CHOICES = ("auto", "ema", "raw")
+
+# ddconfig fields we map, and the values we require for fields whose other values we do not implement
+_DDCONFIG_FIELDS = {"double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+                    "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv", "give_pre_end"}
+_HPARAM_FIELDS = {"loss_type", "restart_unused_codes", "use_padding_idx", "masked_dropout", "bottleneck_type",
+                  "embed_dim", "n_embed", "latent_shape", "code_shape", "shared_codebook", "decay",
+                  "latent_loss_weight"}
+_ARCH_FIELDS = {"type", "ema", "hparams", "ddconfig", "checkpointing", "code_hier"}
+
+
+def _torch_load(path: Path) -> Any:
+    """Read a ``.pt`` file without unpickling arbitrary objects."""
+    try:
+        from rqvae.checkpoint import load_torch_file_safely  # the shared helper, when present
+    except ImportError:
+        load_torch_file_safely = None
+    if load_torch_file_safely is not None:
+        return load_torch_file_safely(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for disallowed objects, RuntimeError for corrupt zips
+        raise UserError(f"{path} could not be read as a tensors-only checkpoint ({type(e).__name__}); "
+                        "only official checkpoints holding plain tensors are supported") from None
+
+
+def load_official(src_dir: str | os.PathLike, weights: str = "auto") -> tuple[dict[str, torch.Tensor],
+                                                                              dict[str, Any]]:
+    """Read ``SRC_DIR/model.pt`` and ``SRC_DIR/config.yaml`` -> (state_dict, arch config dict).
+
+    weights: "auto" takes ``state_dict_ema`` when present, else ``state_dict``; "ema" / "raw" force one.
+    """
+    src = Path(src_dir)
+    if weights not in WEIGHT_CHOICES:
+        raise UserError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    if not src.is_dir():
+        raise UserError(f"{src} is not a folder; pass the official checkpoint folder holding model.pt "
+                        "and config.yaml")
+    model_file, config_file = src / "model.pt", src / "config.yaml"
+    for f in (model_file, config_file):
+        if not f.is_file():
+            raise UserError(f"{f} is missing; an official checkpoint folder holds model.pt and config.yaml")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_file} is not valid YAML ({type(e).__name__}); is it an official config?") \
+            from None
+    if not isinstance(config, dict) or not isinstance(config.get("arch"), dict):
+        raise UserError(f"{config_file} has no 'arch' section; is it an official rq-vae-transformer config?")
+    ckpt = _torch_load(model_file)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{model_file} does not hold a dict with 'state_dict'; is it an official checkpoint?")
+    if weights == "ema" and "state_dict_ema" not in ckpt:
+        raise UserError(f"{model_file} has no 'state_dict_ema'; use --weights raw (or auto)")
+    key = "state_dict_ema" if weights == "ema" or (weights == "auto" and "state_dict_ema" in ckpt) \
+        else "state_dict"
+    state = ckpt.get(key)
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{model_file} has no {key!r} of tensors; is it an official checkpoint?")
+    # model EMA / DDP wrappers prefix the names with "module."
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{model_file} {key} holds non-tensor entries {bad[:3]}; "
+                        "is it an official checkpoint?")
+    return state, config["arch"]
+
+
+def _unsupported(what: str, value: Any, want: Any) -> UserError:
+    return UserError(f"official config {what}={value!r} is not supported (only {want!r}); "
+                     "this checkpoint cannot be converted")
+
+
+def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
+    """Map an official ``arch`` section (type rq-vae: ``ddconfig`` + ``hparams``) to :class:`RQVAEConfig`."""
+    if arch.get("type") != "rq-vae":
+        raise UserError(f"arch.type is {arch.get('type')!r}, not 'rq-vae'")
+    unknown = sorted(set(arch) - _ARCH_FIELDS)
+    dd, hp = arch.get("ddconfig"), arch.get("hparams")
+    if not isinstance(dd, dict) or not isinstance(hp, dict):
+        raise UserError("official rq-vae config lacks arch.ddconfig or arch.hparams")
+    unknown += [f"ddconfig.{k}" for k in sorted(set(dd) - _DDCONFIG_FIELDS)]
+    unknown += [f"hparams.{k}" for k in sorted(set(hp) - _HPARAM_FIELDS)]
+    if unknown:
+        raise UserError(f"official config has fields this converter does not know: {unknown}")
+    checks = [("arch.code_hier", arch.get("code_hier", 1), 1),
+              ("ddconfig.double_z", dd.get("double_z", False), False),
+              ("ddconfig.resamp_with_conv", dd.get("resamp_with_conv", True), True),
+              ("ddconfig.give_pre_end", dd.get("give_pre_end", False), False),
+              ("hparams.bottleneck_type", hp.get("bottleneck_type", "rq"), "rq"),
+              ("hparams.loss_type", hp.get("loss_type", "mse"), "mse"),
+              ("hparams.use_padding_idx", hp.get("use_padding_idx", False), False),
+              ("hparams.masked_dropout", float(hp.get("masked_dropout", 0.0)), 0.0)]
+    for what, value, want in checks:
+        if value != want:
+            raise _unsupported(what, value, want)
+    if dd.get("out_ch", dd["in_channels"]) != dd["in_channels"]:
+        raise _unsupported("ddconfig.out_ch", dd["out_ch"], dd["in_channels"])
+    try:
+        code_shape, latent_shape = list(hp["code_shape"]), list(hp["latent_shape"])
+        n = len(dd["ch_mult"])
+        cfg = RQVAEConfig(image_size=int(dd["resolution"]), in_channels=int(dd["in_channels"]),
+                          ch=int(dd["ch"]), ch_mult=tuple(dd["ch_mult"]),
+                          num_res_blocks=int(dd["num_res_blocks"]),
+                          attn_resolutions=tuple(dd.get("attn_resolutions", ())),
+                          z_channels=int(dd["z_channels"]), embed_dim=int(hp["embed_dim"]),
+                          codebook_size=int(hp["n_embed"]), depth=int(code_shape[-1]),
+                          shared_codebook=bool(hp.get("shared_codebook", True)),
+                          ema_decay=float(hp.get("decay", 0.99)),
+                          restart_dead_codes=bool(hp.get("restart_unused_codes", True)),
+                          commitment_weight=float(hp.get("latent_loss_weight", 0.25)),
+                          dropout=float(dd.get("dropout", 0.0)))
+    except KeyError as e:
+        raise UserError(f"official rq-vae config lacks {e.args[0]!r}") from None
+    h = cfg.image_size // 2 ** (n - 1)
+    if latent_shape != [h, h, cfg.embed_dim] or code_shape[:2] != [h, h]:
+        # the official bottleneck can regroup latents (latent_shape != code_shape); we quantize per position
+        raise UserError(f"official latent_shape {latent_shape} / code_shape {code_shape} regroup latent "
+                        f"positions, which is not supported (need [{h}, {h}, {cfg.embed_dim}] / "
+                        f"[{h}, {h}, D])")
+    return cfg
+
+
+def convert_official_rqvae(state_dict: dict[str, torch.Tensor], arch: dict[str, Any]) -> RQVAE:
+    """Build an :class:`RQVAE` from an official config ``arch`` section and its state dict."""
+    cfg = rqvae_config_from_official(arch)
+    model = RQVAE(cfg)
+    D, K = cfg.depth, cfg.codebook_size
+    n_books = 1 if cfg.shared_codebook else D
+    state = {k: v for k, v in state_dict.items() if not k.startswith("quantizer.")}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in state_dict:
+            raise UserError(f"official state dict lacks {name!r}; does model.pt belong to config.yaml?")
+        return state_dict[name]
+
+    books, counts, sums = [], [], []
+    for d in range(D):
+        w = get(f"quantizer.codebooks.{d}.weight")
+        if w.shape != (K + 1, cfg.embed_dim):
+            raise UserError(f"quantizer.codebooks.{d}.weight has shape {tuple(w.shape)}, config expects "
+                            f"({K + 1}, {cfg.embed_dim}) (K codes + 1 padding row)")
+        books.append(w[:K])  # drop the padding row
+        counts.append(get(f"quantizer.codebooks.{d}.cluster_size_ema"))
+        sums.append(get(f"quantizer.codebooks.{d}.embed_ema"))
+    if cfg.shared_codebook and not all(torch.equal(books[0], b) for b in books[1:]):
+        raise UserError("config says shared_codebook but the official codebooks differ between depths")
+    names = ("weight", "cluster_size_ema", "embed_ema")
+    known = {f"quantizer.codebooks.{d}.{n}" for d in range(D) for n in names}
+    extra = sorted(k for k in state_dict if k.startswith("quantizer.") and k not in known)
+    if extra:
+        raise UserError(f"official state dict has quantizer tensors this converter does not know: "
+                        f"{extra[:3]}")
+    state["quantizer.codebook"] = torch.stack(books[:n_books]).float().contiguous()  # (n_books, K, n_z)
+    state["quantizer.ema_count"] = torch.stack(counts[:n_books]).float().contiguous()  # (n_books, K)
+    state["quantizer.ema_sum"] = torch.stack(sums[:n_books]).float().contiguous()  # (n_books, K, n_z)
+    # buffers of ours that the official layout has no counterpart for keep their initial values
+    own = model.state_dict()
+    for k, v in own.items():
+        if k.startswith("quantizer.") and k not in state:
+            state[k] = v
+    load_state_dict_checked(model, state, source="official state dict")
+    return model.eval()
+
+
+def convert_official(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, weights: str = "auto") -> Path:
+    """Convert an official checkpoint folder (RQ-VAE or RQ-Transformer) into our format in ``dst_dir``."""
+    state, arch = load_official(src_dir, weights)
+    kind = arch.get("type")
+    if kind == "rq-vae":
+        model = convert_official_rqvae(state, arch)
+    elif kind == "rq-transformer":
+        if importlib.util.find_spec("rqvae.official_transformer") is None:
+            raise UserError("converting rq-transformer checkpoints needs rqvae.official_transformer, "
+                            "which this installation lacks; update rqvae")
+        from rqvae.official_transformer import convert_official_rqtransformer
+
+        model = convert_official_rqtransformer(state, arch)
+    else:
+        raise UserError(f"arch.type {kind!r} is not supported; expected 'rq-vae' or 'rq-transformer'")
+    return model.save_pretrained(dst_dir)
