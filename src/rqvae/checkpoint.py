@@ -356,7 +356,8 @@ def load_torch_file_safely(path: str | os.PathLike) -> dict[str, Any]:
         lines = str(e).strip().splitlines() or [""]
         detail = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
         raise UserError(f"{path} holds objects other than tensors ({detail[:160]}); rqvae refuses to "
-                        "unpickle arbitrary objects: only use checkpoint files from sources you trust") from None
+                        "unpickle arbitrary objects: only use checkpoint files from sources you trust"
+                        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable torch checkpoint ({str(e).splitlines()[0][:160]}); "
                         "is the file complete?") from None
