@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from rqvae.checkpoint import load_torch_file_safely
 from rqvae.errors import UserError
 from rqvae.hub import load_state_dict_checked
 from rqvae.vae import RQVAE, RQVAEConfig
@@ -34,21 +35,6 @@ _HPARAM_FIELDS = {"loss_type", "restart_unused_codes", "use_padding_idx", "maske
                   "embed_dim", "n_embed", "latent_shape", "code_shape", "shared_codebook", "decay",
                   "latent_loss_weight"}
 _ARCH_FIELDS = {"type", "ema", "hparams", "ddconfig", "checkpointing", "code_hier"}
-
-
-def _torch_load(path: Path) -> Any:
-    """Read a ``.pt`` file without unpickling arbitrary objects."""
-    try:
-        from rqvae.checkpoint import load_torch_file_safely  # the shared helper, when present
-    except ImportError:
-        load_torch_file_safely = None
-    if load_torch_file_safely is not None:
-        return load_torch_file_safely(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for disallowed objects, RuntimeError for corrupt zips
-        raise UserError(f"{path} could not be read as a tensors-only checkpoint ({type(e).__name__}); "
-                        "only official checkpoints holding plain tensors are supported") from None
 
 
 def load_official(src_dir: str | os.PathLike, weights: str = "auto") -> tuple[dict[str, torch.Tensor],
@@ -74,7 +60,7 @@ def load_official(src_dir: str | os.PathLike, weights: str = "auto") -> tuple[di
             from None
     if not isinstance(config, dict) or not isinstance(config.get("arch"), dict):
         raise UserError(f"{config_file} has no 'arch' section; is it an official rq-vae-transformer config?")
-    ckpt = _torch_load(model_file)
+    ckpt = load_torch_file_safely(model_file)  # torch.load(weights_only=True): no arbitrary objects
     if not isinstance(ckpt, dict):
         raise UserError(f"{model_file} does not hold a dict with 'state_dict'; is it an official checkpoint?")
     if weights == "ema" and "state_dict_ema" not in ckpt:

@@ -317,6 +317,7 @@ class RQVAE(nn.Module, PretrainedMixin):
         if z.ndim != 4 or z.shape[-1] != self.config.embed_dim:
             raise UserError(f"expected latents of shape (B, h, w, {self.config.embed_dim}), "
                             f"got {tuple(z.shape)}")
+        z = z.to(self.post_quant_conv.weight.dtype)  # code embeddings are float32; the model may be cast
         return self.decoder(self.post_quant_conv(z.permute(0, 3, 1, 2)))
 
     # ----------------------------------------------------------------------------- code level

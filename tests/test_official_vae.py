@@ -1,0 +1,151 @@
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rqvae.cli import main
+from rqvae.errors import UserError
+from rqvae.official import convert_official_rqvae, load_official, rqvae_config_from_official
+from rqvae.vae import RQVAE
+
+SRC = Path(__file__).parent / "data" / "official" / "rqvae_tiny"
+# The float64 model matches the official float32 outputs to 1e-5; in float32 our own rounding adds up to
+# ~1e-5 more (measured: float32 vs float64 of the same weights differ by up to 1.0e-5), hence 3e-5 there.
+TOL64 = dict(atol=1e-5, rtol=0.0)
+TOL32 = dict(atol=3e-5, rtol=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine's cores are shared; one intra-op thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def io():
+    return load_file(str(SRC / "io.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def converted(one_thread):
+    state, arch = load_official(SRC)
+    return convert_official_rqvae(state, arch)
+
+
+def check_against_reference(model: RQVAE, io: dict[str, torch.Tensor]) -> None:
+    dtype = model.quant_conv.weight.dtype
+    TOL = TOL64 if dtype == torch.float64 else TOL32
+    io = {k: v.to(dtype) if v.is_floating_point() else v for k, v in io.items()}
+    x = io["images"]
+    with torch.no_grad():
+        z = model.encode_latent(x)
+        torch.testing.assert_close(z, io["latent"], **TOL)
+        assert torch.equal(model.encode(x), io["codes"])
+        torch.testing.assert_close(model.decode(io["codes"]), io["decoded"], **TOL)
+        for d in range(1, 5):
+            torch.testing.assert_close(model.decode(io["codes"], depth=d), io[f"decoded_depth{d}"], **TOL)
+        torch.testing.assert_close(model(x).reconstruction.to(dtype), io["recon_eval"], **TOL)
+        probs, codes = model.quantizer.soft_codes(z, temperature=0.5, stochastic=False)
+        torch.testing.assert_close(probs.to(dtype), io["soft_codes_t05"], **TOL)
+        assert torch.equal(codes, io["codes"])
+
+
+def test_config_mapping():
+    _, arch = load_official(SRC)
+    cfg = rqvae_config_from_official(arch)
+    assert (cfg.image_size, cfg.in_channels, cfg.ch, cfg.ch_mult) == (32, 3, 32, (1, 1, 2))
+    assert cfg.num_res_blocks == 1
+    assert (cfg.z_channels, cfg.embed_dim, cfg.codebook_size, cfg.depth) == (32, 16, 64, 4)
+    assert cfg.attn_resolutions == (8,) and cfg.shared_codebook and cfg.commitment_weight == 0.25
+
+
+def test_converted_matches_official_outputs(converted, io):
+    assert not converted.training
+    assert converted.quantizer.codebook.shape == (1, 64, 16)  # padding row dropped
+    check_against_reference(converted, io)
+    state, arch = load_official(SRC)
+    check_against_reference(convert_official_rqvae(state, arch).double(), io)
+
+
+def test_cli_convert_then_load_roundtrip(converted, io, tmp_path, capsys):
+    assert main(["convert-official", str(SRC), str(tmp_path / "ours")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = RQVAE.from_pretrained(tmp_path / "ours").eval()
+    assert loaded.config == converted.config
+    for k, v in converted.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    check_against_reference(loaded, io)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(io["codes"]), converted.decode(io["codes"]))
+
+
+def _copy(tmp_path: Path, edit=None) -> Path:
+    dst = tmp_path / "src"
+    shutil.copytree(SRC, dst)
+    if edit is not None:
+        cfg = yaml.safe_load((dst / "config.yaml").read_text())
+        edit(cfg)
+        (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["arch"].update(type="vq-gan"), "arch.type 'vq-gan' is not supported"),
+    (lambda c: c["arch"]["hparams"].update(loss_type="l1"), "loss_type='l1' is not supported"),
+    (lambda c: c["arch"]["ddconfig"].update(double_z=True), "double_z=True is not supported"),
+    (lambda c: c["arch"]["ddconfig"].update(fancy=1), "does not know: \\['ddconfig.fancy'\\]"),
+    (lambda c: c["arch"]["hparams"].update(latent_shape=[4, 4, 64]), "regroup latent positions"),
+    (lambda c: c["arch"]["hparams"].update(n_embed=32), "config expects \\(33, 16\\)"),
+    (lambda c: c["arch"]["ddconfig"].update(ch=64), "does not match its config"),
+])
+def test_bad_configs_exit_2(tmp_path, capsys, edit, message):
+    src = _copy(tmp_path, edit)
+    assert main(["convert-official", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("rqvae convert-official: error:")
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_missing_files_and_pickled_objects(tmp_path, capsys):
+    assert main(["convert-official", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    src = _copy(tmp_path)
+    (src / "config.yaml").unlink()
+    with pytest.raises(UserError, match="config.yaml is missing"):
+        load_official(src)
+    shutil.copy(SRC / "config.yaml", src / "config.yaml")
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": Path("/tmp")}, src / "model.pt")
+    with pytest.raises(UserError, match="refuses to unpickle"):
+        load_official(src)
+    with pytest.raises(UserError, match="no 'state_dict_ema'"):
+        shutil.copy(SRC / "model.pt", src / "model.pt")
+        load_official(src, weights="ema")
+
+
+def test_prefers_ema_weights(tmp_path):
+    src = _copy(tmp_path)
+    ckpt = torch.load(SRC / "model.pt", weights_only=True)
+    ema = {"module." + k: v + 1.0 if k == "quant_conv.bias" else v for k, v in ckpt["state_dict"].items()}
+    torch.save({**ckpt, "state_dict_ema": ema}, src / "model.pt")
+    state, _ = load_official(src)  # auto: EMA, with the "module." prefix removed
+    torch.testing.assert_close(state["quant_conv.bias"], ckpt["state_dict"]["quant_conv.bias"] + 1.0)
+    raw, _ = load_official(src, weights="raw")
+    assert torch.equal(raw["quant_conv.bias"], ckpt["state_dict"]["quant_conv.bias"])
+
+
+def test_transformer_branch_without_its_converter(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "rqvae.official_transformer" else real(name, *a))
+    src = Path(__file__).parent / "data" / "official" / "rqtransformer_class_tiny"
+    assert main(["convert-official", str(src), str(tmp_path / "out")]) == 2
+    assert "needs rqvae.official_transformer" in capsys.readouterr().err
