@@ -70,7 +70,7 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
         raise UserError(f"expected an image tensor of shape (1 or 3, H, W), got {tuple(x.shape)}")
     a = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     a = a.permute(1, 2, 0).numpy()
-    return Image.fromarray(a[:, :, 0], mode="L") if a.shape[2] == 1 else Image.fromarray(a, mode="RGB")
+    return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)  # uint8 (H, W) -> L, (H, W, 3) -> RGB
 
 
 def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
