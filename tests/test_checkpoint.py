@@ -205,3 +205,18 @@ def test_no_pickle_is_used_when_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     load_checkpoint(tmp_path, {"model": model}, {"opt": opt}, {"sched": sched})
+
+
+def test_kill_between_rename_and_latest_uses_the_complete_folder(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 1, {"m": model})
+
+    def boom(*a, **k):
+        raise OSError("killed before `latest` was updated")
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, {"m": model})
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert latest_checkpoint(tmp_path).name == "step_000002"  # renamed into place, so complete
+    assert load_checkpoint(tmp_path, {"m": model})["step"] == 2

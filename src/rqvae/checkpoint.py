@@ -8,7 +8,8 @@ Layout of ``run_dir/checkpoints/``::
                               scheduler tensors, RNG states (torch CPU / CUDA, numpy's key)
         state.json            step, extra, optimizer / scheduler non-tensor state (param_groups, counters),
                               numpy and python ``random`` RNG state; tensors appear as {"__tensor__": name}
-    latest                    the name of the newest complete checkpoint, replaced atomically
+    latest                    the name of the newest complete checkpoint, replaced atomically (for people
+                              and tools; :func:`latest_checkpoint` takes the highest complete step_* folder)
 
 A save writes into a hidden temporary folder, fsyncs it, renames it into place and only then updates
 ``latest`` and deletes checkpoints beyond the last ``keep_last``: a kill at any moment leaves the previous
@@ -182,13 +183,10 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run (``run_dir`` or ``run_dir/checkpoints``), or None.
+
+    That is the highest-step ``step_*`` folder, which is what ``latest`` names unless a save was killed
+    between renaming its folder into place and updating ``latest`` (its folder is complete then, and used).
     Temporary folders of interrupted saves are never returned."""
-    ck = _checkpoints_dir(run_dir)
-    latest = ck / LATEST_FILE
-    if latest.is_file():
-        name = latest.read_text().strip()
-        if _STEP_DIR.match(name) and _is_complete(ck / name):
-            return ck / name
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
