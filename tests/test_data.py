@@ -287,6 +287,7 @@ def test_webdataset_stream_decodes_skips_and_splits(tmp_path):
     one_epoch = list(ds)
     assert sorted(s["label"] for s in one_epoch) == good
     assert ds.skipped_count == 2 and one_epoch[0]["image"].shape == (3, 8, 8)
+    assert ds[3]["label"] == 3 and ds[4]["label"] == 5  # previews in shard order; 4 does not decode
     for n_streams in (2, 5):  # shard-level split, then sample-level split (fewer shards than streams)
         keys = [s["__key__"] for k in range(n_streams) for s in ds.raw_samples(1, k, n_streams)]
         assert sorted(keys) == [f"{i:05d}" for i in range(18)]

@@ -551,6 +551,25 @@ class WebImageDataset(IterableDataset):
                 raise UserError(f"no usable images in a whole epoch of {len(self.shards)} shards "
                                 f"({self.skipped_count} samples skipped)")
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The ``index``-th decodable sample in shard order, without augmentation (for previews: it reads
+        the shards from the start)."""
+        if index < 0:
+            raise IndexError(index)
+        n = 0
+        for shard in self.shards:
+            for raw in self._read_shard(shard):
+                key = next((k for k in WDS_IMAGE_KEYS if k in raw), None)
+                label = self._label(raw)
+                try:
+                    image = load_image(raw[key], self.image_size, self.channels)  # type: ignore[index]
+                except Exception:
+                    continue
+                if n == index:
+                    return {"image": image, "label": label or 0}
+                n += 1
+        raise IndexError(f"index {index} is past the {n} decodable samples of the shards")
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = _dist_rank_world()
         info = get_worker_info()
