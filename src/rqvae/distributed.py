@@ -137,3 +137,18 @@ def broadcast_module(module: nn.Module, src: int = 0, buffers_only: bool = False
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=src)
+
+
+def check_same_across_ranks(module: nn.Module, what: str = "model") -> None:
+    """Raise if the parameters or buffers of ``module`` differ between ranks (a cheap checksum per
+    tensor: sum and sum of squares in float64, gathered from every rank)."""
+    if get_world_size() == 1:
+        return
+    tensors = [*module.parameters(), *module.buffers()]
+    local = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().pow(2).sum()])
+                         for t in tensors]).flatten()
+    gathered = [torch.zeros_like(local) for _ in range(get_world_size())]
+    dist.all_gather(gathered, local)
+    for r, other in enumerate(gathered[1:], start=1):
+        if not torch.equal(other, gathered[0]):
+            raise RuntimeError(f"the {what} differs between rank 0 and rank {r}; the ranks went out of sync")

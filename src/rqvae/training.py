@@ -159,14 +159,18 @@ class NonFiniteGuard:
         self.total = 0
         self._saved: dict[str, torch.Tensor] = {}
 
-    def snapshot(self, module: nn.Module) -> None:
-        self._saved = {k: b.detach().clone() for k, b in dist.unwrap(module).named_buffers()}
+    def snapshot(self, *modules: nn.Module) -> None:
+        """Remember the buffers (EMA codebook, BatchNorm statistics) of ``modules``."""
+        self._saved = {(i, k): b.detach().clone() for i, m in enumerate(modules)
+                       for k, b in dist.unwrap(m).named_buffers()}
 
     @torch.no_grad()
-    def restore(self, module: nn.Module) -> None:
-        for k, b in dist.unwrap(module).named_buffers():
-            if k in self._saved:
-                b.copy_(self._saved[k])
+    def restore(self, *modules: nn.Module) -> None:
+        """Put back the buffers of the same ``modules`` (in the same order) as at :meth:`snapshot`."""
+        for i, m in enumerate(modules):
+            for k, b in dist.unwrap(m).named_buffers():
+                if (i, k) in self._saved:
+                    b.copy_(self._saved[(i, k)])
 
     def check(self, *values: torch.Tensor | float, step: int, hint: str = "") -> bool:
         """True if all values are finite on every rank. Counts bad steps; raises after too many in a row."""
