@@ -162,7 +162,7 @@ def test_cli_errors_are_one_line(tmp_path, vae_dir, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     cases = [
-        (["--vae", str(tmp_path / "missing"), "--data", str(tmp_path / "empty")], "missing"),
+        (["--vae", str(tmp_path / "missing"), "--data", str(tmp_path / "empty")], "is not a model folder"),
         (["--vae", str(vae_dir), "--data", str(tmp_path / "empty")], "no usable images"),
     ]
     for extra, needle in cases:

@@ -303,7 +303,6 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
     from rqvae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rqvae.data import ResumableBatchSampler, build_image_dataset
     from rqvae.features import load_or_build_features
-    from rqvae.transformer import RQTransformer
     from rqvae.vae import RQVAE
 
     cfg.validate()
@@ -329,6 +328,8 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
     cond = _conditions(cfg, dataset, cache.labels, cache.captions)
 
     # ---- model, optimizer, schedule (same init on every rank)
+    from rqvae.transformer import RQTransformer
+
     torch.manual_seed(cfg.seed)
     model_cfg = _model_config(cfg, vae, cond, cache.code_hw)
     model = RQTransformer(model_cfg, codebook=vae.quantizer.codebook[0].detach().clone()).to(device)
