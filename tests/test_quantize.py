@@ -53,7 +53,7 @@ def test_encode_chunking_matches(monkeypatch):
     rq = make(K=16)
     z = torch.randn(300, 8)
     full = rq.encode(z)
-    monkeypatch.setattr("rqvae.quantize._DIST_ELEMENTS", 16 * 7)  # chunks of 7 rows
+    monkeypatch.setattr("rqvae.quantize._CHUNK_ELEMENTS", 16 * 7)  # chunks of 7 rows
     assert torch.equal(rq.encode(z), full)
     assert torch.equal(rq.encode(z, beam_size=3), rq.encode(z, beam_size=3))
 

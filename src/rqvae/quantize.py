@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from rqvae.errors import UserError
 
-# Bound on the elements of one (rows x codes) distance matrix; encode is chunked over rows to stay below.
-_DIST_ELEMENTS = 1 << 24
+# Elements of one (rows x codes) distance matrix; encode works on row chunks of this size, small enough
+# to stay in cache (larger chunks are slower on CPU) and to bound memory.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -207,7 +208,7 @@ class ResidualQuantizer(nn.Module):
         codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
         books = [self._book(d) for d in range(self.n_books)]
         sq = [(b * b).sum(1) for b in books]  # ||e_k||^2 per book, (K,)
-        chunk = max(1, _DIST_ELEMENTS // self.codebook_size)
+        chunk = max(1, _CHUNK_ELEMENTS // self.codebook_size)
         for s in range(0, n, chunk):
             r = x[s:s + chunk].clone()  # (n, dim) residual r_{d-1}
             for d in range(self.depth):
@@ -216,37 +217,38 @@ class ResidualQuantizer(nn.Module):
                 dist_ = torch.addmm(sq[b], r, books[b].t(), alpha=-2.0)  # (n, K)
                 k = dist_.argmin(dim=1)  # (n,)
                 codes[s:s + chunk, d] = k
-                r -= books[b][k]
+                r -= books[b].index_select(0, k)
         return codes
 
     def _beam(self, x: Tensor, beam_size: int, prefix_weight: float) -> Tensor:
         """(N, dim) -> (N, depth) codes of the best path found by beam search."""
-        n, K = x.shape[0], self.codebook_size
+        n, K, dim = x.shape[0], self.codebook_size, self.dim
         out = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
         books = [self._book(d) for d in range(self.n_books)]
         sq = [(b * b).sum(1) for b in books]
-        chunk = max(1, _DIST_ELEMENTS // (K * beam_size))
+        chunk = max(1, _CHUNK_ELEMENTS // (K * beam_size))
         for s in range(0, n, chunk):
-            r = x[s:s + chunk][:, None, :]  # (n, B=1, dim)
+            r = x[s:s + chunk][:, None, :]  # (n, B=1, dim) residual of each partial path
             m = r.shape[0]
-            err = (r * r).sum(-1)  # (n, B) ||r||^2
-            prefix = torch.zeros_like(err)  # (n, B) prefix_weight * errors of the coarser partial sums
+            rows = torch.arange(m, device=x.device)[:, None]  # (n, 1)
+            score0 = (r * r).sum(-1)  # (n, B) ||r||^2 (+ prefix terms, see encode)
+            prefix = torch.zeros_like(score0)  # (n, B) prefix_weight * errors of the coarser partial sums
             paths = torch.zeros(m, 1, 0, dtype=torch.long, device=x.device)  # (n, B, d)
             for d in range(self.depth):
                 b = 0 if self.shared_codebook else d
                 B = r.shape[1]
-                cand = err[..., None] - 2.0 * (r @ books[b].t()) + sq[b]  # (n, B, K) ||r - e_k||^2
-                score = (cand + prefix[..., None]).reshape(m, B * K)
+                # ||r - e_k||^2 + prefix = (||r||^2 + prefix) - 2 r.e_k + ||e_k||^2, one matmul for all beams
+                cand = torch.addmm(sq[b], r.reshape(m * B, dim), books[b].t(), alpha=-2.0)  # (n B, K)
+                cand = cand.view(m, B, K).add_((score0 + prefix)[..., None]).view(m, B * K)
                 keep = min(beam_size, B * K)
-                top = score.topk(keep, dim=1, largest=False).indices  # (n, B')
+                top = cand.topk(keep, dim=1, largest=False).indices  # (n, B')
                 parent, k = top // K, top % K
-                r = torch.gather(r, 1, parent[..., None].expand(-1, -1, self.dim)) - books[b][k]
-                err = (r * r).sum(-1)  # recomputed exactly, no drift from the expansion above
-                prefix = torch.gather(prefix, 1, parent) + prefix_weight * err
-                paths = torch.cat([torch.gather(paths, 1, parent[..., None].expand(-1, -1, d)),
-                                   k[..., None]], dim=-1)
-            best = (err + prefix - prefix_weight * err).argmin(dim=1)  # final score: err + earlier prefix
-            out[s:s + chunk] = paths[torch.arange(m, device=x.device), best]
+                r = r[rows, parent] - books[b].index_select(0, k.reshape(-1)).view(m, keep, dim)
+                score0 = (r * r).sum(-1)  # the new error, recomputed exactly
+                prefix = prefix[rows, parent] + prefix_weight * score0
+                paths = torch.cat([paths[rows, parent], k[..., None]], dim=-1)
+            best = (score0 + prefix - prefix_weight * score0).argmin(dim=1)  # final: err + earlier prefix
+            out[s:s + chunk] = paths[rows[:, 0], best]
         return out
 
     # ------------------------------------------------------------------ training forward
@@ -366,7 +368,7 @@ class ResidualQuantizer(nn.Module):
             codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
             books = [self._book(d) for d in range(self.n_books)]
             sq = [(b * b).sum(1) for b in books]
-            chunk = max(1, _DIST_ELEMENTS // K)
+            chunk = max(1, _CHUNK_ELEMENTS // K)
             for s in range(0, n, chunk):
                 r = x[s:s + chunk].clone()
                 for d in range(self.depth):
@@ -383,7 +385,7 @@ class ResidualQuantizer(nn.Module):
                     else:
                         k = dist_.argmin(dim=1)
                     codes[s:s + chunk, d] = k
-                    r -= books[b][k]
+                    r -= books[b].index_select(0, k)
         return probs.reshape(*lead, self.depth, K), codes.reshape(*lead, self.depth)
 
     # ------------------------------------------------------------------ statistics
@@ -454,28 +456,28 @@ class ResidualQuantizer(nn.Module):
                     book = _kmeans(r, K, kmeans_iters, g)
                     self.codebook[d] = book
                     r -= book[_nearest(r, book)]
-            best_err, best_book = self._mse(x, beam_size), self.codebook.clone()
+            codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
+            best_err, best_book, best_codes = self._mse(x, codes), self.codebook.clone(), codes
             if verbose:
                 print(f"fit: init mse {best_err:.6f}")
             for it in range(refine_iters):
-                codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
                 self._least_squares(x, codes)
-                err = self._mse(x, beam_size)
+                codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
+                err = self._mse(x, codes)
                 if verbose:
                     print(f"fit: refine {it + 1} mse {err:.6f}")
                 if err < best_err:
-                    best_err, best_book = err, self.codebook.clone()
+                    best_err, best_book, best_codes = err, self.codebook.clone(), codes
             self.codebook.copy_(best_book)
-            codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
-            flat = (codes + self.book_of_depth * K).reshape(-1)
+            flat = (best_codes + self.book_of_depth * K).reshape(-1)
             counts = torch.bincount(flat, minlength=self.n_books * K).float().view(self.n_books, K)
             self.ema_count.copy_(counts / counts.mean(dim=1, keepdim=True))
             self.ema_sum.copy_(self.codebook * self.ema_count[..., None])
             self.depth_count.zero_()
         return best_err
 
-    def _mse(self, x: Tensor, beam_size: int) -> float:
-        return float(((x - self.decode(self.encode(x, beam_size=beam_size))) ** 2).mean())
+    def _mse(self, x: Tensor, codes: Tensor) -> float:
+        return float(((x - self.decode(codes)) ** 2).mean())
 
     def _least_squares(self, x: Tensor, codes: Tensor, ridge: float = 1.0) -> None:
         """Joint least-squares codebook for fixed codes: (A^T A + ridge I) E = A^T Z + ridge E_old.
@@ -550,7 +552,7 @@ def _nearest(x: Tensor, book: Tensor) -> Tensor:
     """(N, dim), (K, dim) -> (N,) index of the nearest row of ``book``, chunked over rows."""
     sq = (book * book).sum(1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    chunk = max(1, _DIST_ELEMENTS // book.shape[0])
+    chunk = max(1, _CHUNK_ELEMENTS // book.shape[0])
     for s in range(0, x.shape[0], chunk):
         out[s:s + chunk] = torch.addmm(sq, x[s:s + chunk], book.t(), alpha=-2.0).argmin(dim=1)
     return out
