@@ -193,6 +193,12 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
     latest = latest_checkpoint(run_dir)
     _check_run_dir(cfg, latest)
 
+    lpips = None
+    if cfg.lpips_vgg is not None and cfg.perceptual_weight > 0:
+        from rqvae.lpips import LPIPS
+
+        lpips = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_heads).to(device)
+
     # ---- data: every problem surfaces here, before any training
     if dataset is None:
         dataset = build_image_dataset(cfg.data, model_cfg.image_size, model_cfg.in_channels, split="train",
@@ -208,11 +214,6 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
     disc = maybe_sync_batchnorm(disc, device)
     dist.broadcast_module(vae)
     dist.broadcast_module(disc)
-    lpips = None
-    if cfg.lpips_vgg is not None and cfg.perceptual_weight > 0:
-        from rqvae.lpips import LPIPS
-
-        lpips = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_heads).to(device)
     ema = ModelEMA(vae, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     lr = cfg.learning_rate()
@@ -269,9 +270,12 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
                             keep_last=cfg.keep_last)
         dist.barrier()
 
-    loader = iter(make_loader(dataset, cfg.batch_size, seed=cfg.seed, rank=info.rank,
-                              world_size=info.world_size, start_step=step * cfg.grad_accum,
-                              num_workers=cfg.num_workers))
+    # A DataLoader iterator draws its base seed from the global RNG; keep that draw out of the training
+    # RNG stream so a resumed run continues with exactly the RNG state of the checkpoint.
+    with torch.random.fork_rng(devices=[]):
+        loader = iter(make_loader(dataset, cfg.batch_size, seed=cfg.seed, rank=info.rank,
+                                  world_size=info.world_size, start_step=step * cfg.grad_accum,
+                                  num_workers=cfg.num_workers))
     sample_images = None
     if is_main and cfg.sample_every > 0:
         n = min(8, len(dataset)) if hasattr(dataset, "__len__") else 8
@@ -306,7 +310,7 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
                     with autocast(device, cfg.bf16):
                         p_loss = lpips(x, rec).mean()
                     nll = nll + cfg.perceptual_weight * p_loss
-                    stats["loss/perceptual"] += float(p_loss) / cfg.grad_accum
+                    stats["loss/perceptual"] += float(p_loss.detach()) / cfg.grad_accum
                 loss = nll + beta * out.commitment_loss
                 if disc_on:
                     disc.requires_grad_(False)  # the generator step must not touch D's gradients
@@ -316,7 +320,7 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
                     g_loss = generator_loss(logits_fake)
                     lam = adaptive_gan_weight(nll, g_loss, last_layer)
                     loss = loss + cfg.disc_weight * lam * g_loss
-                    stats["loss/g"] += float(g_loss) / cfg.grad_accum
+                    stats["loss/g"] += float(g_loss.detach()) / cfg.grad_accum
                     stats["gan/weight"] += float(lam) / cfg.grad_accum
                 (loss / cfg.grad_accum).backward()
                 if disc_on:
@@ -325,12 +329,12 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
                         logits_fake = disc(rec.detach()).float()
                     d_loss = hinge_d_loss(logits_real, logits_fake)
                     (d_loss / cfg.grad_accum).backward()
-                    stats["loss/d"] += float(d_loss) / cfg.grad_accum
-                    stats["gan/logits_real"] += float(logits_real.mean()) / cfg.grad_accum
-                    stats["gan/logits_fake"] += float(logits_fake.mean()) / cfg.grad_accum
+                    stats["loss/d"] += float(d_loss.detach()) / cfg.grad_accum
+                    stats["gan/logits_real"] += float(logits_real.detach().mean()) / cfg.grad_accum
+                    stats["gan/logits_fake"] += float(logits_fake.detach().mean()) / cfg.grad_accum
                 stats["loss/total"] += float(loss.detach()) / cfg.grad_accum
-                stats["loss/rec"] += float(rec_loss) / cfg.grad_accum
-                stats["loss/commit"] += float(out.commitment_loss) / cfg.grad_accum
+                stats["loss/rec"] += float(rec_loss.detach()) / cfg.grad_accum
+                stats["loss/commit"] += float(out.commitment_loss.detach()) / cfg.grad_accum
 
             dist.all_reduce_grads(vae.parameters())
             if disc_on:
