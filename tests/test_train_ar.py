@@ -11,13 +11,21 @@ from rqvae.train_ar import (
     TrainARConfig,
     ar_image_loss,
     ar_text_loss,
-    drop_conditions,
     step_generator,
     train_ar,
 )
 from rqvae.vae import RQVAE
 
 N_IMAGES = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the 2 cores are shared with other test runs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +86,10 @@ def test_stochastic_codes_vary_between_batches_greedy_do_not(vae_dir, images):
     p2, c2 = q.soft_codes(z, 0.5, stochastic=True, generator=step_generator(0, 1, 0))
     _, c1again = q.soft_codes(z, 0.5, stochastic=True, generator=step_generator(0, 0, 0))
     assert not torch.equal(c1, c2) and torch.equal(c1, c1again)  # fresh per step, reproducible per step
-    torch.testing.assert_close(p1[..., 0, :], p2[..., 0, :])  # depth 1's distribution does not depend on draws
+    torch.testing.assert_close(p1[..., 0, :], p2[..., 0, :])  # depth 1 does not depend on draws
     _, g1 = q.soft_codes(z, 0.5, stochastic=False, generator=step_generator(0, 0, 0))
     _, g2 = q.soft_codes(z, 0.5, stochastic=False, generator=step_generator(0, 1, 0))
     assert torch.equal(g1, g2) and torch.equal(g1, q.encode(z))
-
-
-def test_condition_dropout():
-    cond = torch.arange(1000) % 10
-    out = drop_conditions(cond, 0.3, 10, torch.Generator().manual_seed(0))
-    frac = (out == 10).float().mean().item()
-    assert 0.25 < frac < 0.35 and torch.equal(out[out != 10], cond[out != 10])
-    text = torch.ones(200, 4, dtype=torch.long)
-    out = drop_conditions(text, 0.5, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(1))
-    rows = out.eq(0).all(1)
-    assert rows.any() and (~rows).any() and out[~rows].eq(1).all()
 
 
 # --------------------------------------------------------------------------------- training runs
@@ -128,7 +125,8 @@ def test_resume_is_bitwise_identical(tmp_path, vae_dir, images):
     ds = TensorImageDataset(*images)
     kw = dict(steps=6, warmup_steps=2, model={"dropout": 0.1}, cond_dropout=0.2, checkpoint_every=3)
     full = train_ar(_cfg(tmp_path, vae_dir, run_dir=str(tmp_path / "full"), **kw), dataset=ds)
-    train_ar(_cfg(tmp_path, vae_dir, run_dir=str(tmp_path / "part"), **{**kw, "steps": 3}), dataset=ds)
+    train_ar(_cfg(tmp_path, vae_dir, run_dir=str(tmp_path / "part"), stop_after=3, **kw), dataset=ds)
+    assert not (tmp_path / "part" / "model").exists()
     resumed = train_ar(_cfg(tmp_path, vae_dir, run_dir=str(tmp_path / "part"), resume=True, **kw), dataset=ds)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k

@@ -164,7 +164,10 @@ def _loader(ds: Any, batch_size: int):
 
     if not isinstance(ds, IterableDataset) and not hasattr(ds, "__getitem__"):
         raise UserError("the dataset can be neither indexed nor iterated; build it with rqvae.data")
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, drop_last=False)
+    from rqvae.data import collate  # also passes through batches from a dataset's __getitems__
+
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, drop_last=False,
+                      collate_fn=collate)
 
 
 @torch.no_grad()

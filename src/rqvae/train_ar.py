@@ -14,9 +14,12 @@ and the RQ-Transformer minimises the negative log-likelihood over all positions 
 The two parts are switchable for ablations: ``soft_labels=False`` uses one-hot targets of the codes
 (plain cross-entropy), ``stochastic=False`` uses the greedy codes (argmax of Q_tau, = RQ of Eq. 4) as
 inputs. Text-conditioned models also predict the next text token (weights text 0.1, image 0.9, as the
-official CC-3M config). With ``cond_dropout = p`` a condition is replaced by the null condition with
-probability p (the null class id ``num_classes``, or an all-``[PAD]`` caption), so that the model can
-be sampled with classifier-free guidance.
+official CC-3M config). With ``cond_dropout = p`` (the model config's ``cfg_dropout``) the model itself
+replaces a condition by the null condition with probability p in training mode (the null id, an extra
+row of the condition embedding: class ``num_classes`` or text token ``text_vocab_size``), so that it can
+be sampled with classifier-free guidance. Text rows whose caption was dropped still get the text loss:
+from the null prefix the text head learns the marginal distribution of captions, which does not
+interfere with the conditional predictions (the contexts differ).
 
 Optimiser per the official configs: AdamW, lr 5e-4 (the small CPU presets default to 1e-3, which
 trains them in minutes), weight decay 1e-4 on matrices, betas (0.9, 0.95), linear warm-up then cosine
@@ -73,7 +76,8 @@ class TrainARConfig:
     text_vocab_size: int = 16384  # BPE vocabulary cap when training a tokenizer (official 16384)
     flip: bool = False  # also cache features of horizontally flipped images (a second copy)
     feature_cache: str | None = None  # cache folder; None: $RQVAE_CACHE or ~/.cache/rqvae/features
-    steps: int = 1000
+    steps: int = 1000  # length of the run (and of the LR schedule)
+    stop_after: int | None = None  # end this invocation after this step (checkpointed; --resume continues)
     batch_size: int = 64  # per rank
     lr: float | None = None  # None: 5e-4 for the paper presets, 1e-3 for the small CPU presets
     weight_decay: float = 1e-4
@@ -84,7 +88,7 @@ class TrainARConfig:
     temperature: float = 0.5  # tau of the soft labels (Sec. 3.2.3)
     soft_labels: bool = True  # targets Q_tau (False: one-hot of the codes)
     stochastic: bool = True  # inputs sampled from Q_tau (False: greedy codes)
-    cond_dropout: float = 0.0  # probability of the null condition (classifier-free guidance)
+    cond_dropout: float | None = None  # P(null condition) for classifier-free guidance; None: the preset's
     text_loss_weight: float = TEXT_LOSS_WEIGHT
     image_loss_weight: float = IMAGE_LOSS_WEIGHT  # text models only; class/uncond use the image loss alone
     checkpoint_every: int = 500
@@ -117,8 +121,9 @@ class TrainARConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.learning_rate() > 0, f"--lr must be > 0, got {self.learning_rate()}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (0.0 <= self.cond_dropout < 1.0, f"--cond-dropout must be in [0, 1), got {self.cond_dropout}"),
-            (self.cond != "uncond" or self.cond_dropout == 0.0,
+            (self.cond_dropout is None or 0.0 <= self.cond_dropout < 1.0,
+             f"--cond-dropout must be in [0, 1), got {self.cond_dropout}"),
+            (self.cond != "uncond" or not self.cond_dropout,
              "--cond-dropout needs a condition (--cond class or text)"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
             (self.keep_last >= 1, f"--keep-last must be >= 1, got {self.keep_last}"),
@@ -158,17 +163,6 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
-def drop_conditions(cond: torch.Tensor, p: float, null: torch.Tensor | int,
-                    generator: torch.Generator) -> torch.Tensor:
-    """Replace each row of ``cond`` (B,) or (B, L) by ``null`` with probability ``p``."""
-    if p <= 0:
-        return cond
-    drop = torch.rand(cond.shape[0], generator=generator) < p  # (B,)
-    drop = drop.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
-    null_t = torch.as_tensor(null, dtype=cond.dtype, device=cond.device)
-    return torch.where(drop, null_t.expand_as(cond), cond)
-
-
 # ------------------------------------------------------------------------------------- conditions
 @dataclass
 class Conditions:
@@ -181,12 +175,6 @@ class Conditions:
     tokenizer: Any = None  # tokenizers.Tokenizer for text
     pad_id: int = 0
     prompts: list[str] | None = None  # a few captions for sample grids
-
-    def null(self) -> torch.Tensor | int:
-        """The null condition for classifier-free guidance: class id num_classes, or an all-[PAD] caption."""
-        if self.kind == "class":
-            return self.num_classes
-        return torch.full((self.values.shape[1],), self.pad_id, dtype=torch.long)
 
 
 def _dataset_captions(cfg: TrainARConfig, ds: Any) -> list[str]:
@@ -230,20 +218,24 @@ def _model_config(cfg: TrainARConfig, vae: Any, cond: Conditions, code_hw: tuple
 
     if cfg.preset not in AR_PRESETS:
         raise UserError(f"unknown RQ-Transformer preset {cfg.preset!r}; choose one of {sorted(AR_PRESETS)}")
-    fields = {**AR_PRESETS[cfg.preset], **cfg.model}
+    fields = dict(cfg.model)
     vc = vae.config
     fields.update(code_shape=(code_hw[0], code_hw[1], vc.depth), vocab_size=vc.codebook_size,
                   embed_dim=vc.embed_dim, cond_type=cond.kind)
     if cond.kind == "class":
         fields.update(num_classes=cond.num_classes)
+    fields["cond_len"] = 1
     if cond.kind == "text":
         fields.update(text_vocab_size=cond.tokenizer.get_vocab_size(), cond_len=cond.values.shape[1])
-    fields["cfg_dropout"] = cfg.cond_dropout > 0
+    if cfg.cond_dropout is not None:
+        fields["cfg_dropout"] = cfg.cond_dropout
+    elif cond.kind == "uncond":
+        fields["cfg_dropout"] = 0.0
     known = {f.name for f in dataclasses.fields(RQTransformerConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise UserError(f"unknown RQ-Transformer config fields {unknown}; valid fields: {sorted(known)}")
-    return RQTransformerConfig(**fields)
+    return dataclasses.replace(AR_PRESETS[cfg.preset], **fields)
 
 
 def _split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -261,7 +253,8 @@ def sample_grid(model: Any, vae: Any, cond: Conditions, n_per_cond: int, seed: i
                 top_k: int | None = None, top_p: float | None = None,
                 device: torch.device | str = "cpu", bf16: bool = False) -> torch.Tensor:
     """Samples decoded by the VAE as one grid (C, H, W) in [-1, 1]: a row per class for class models,
-    a row per prompt for text models, rows of 8 for unconditional ones."""
+    a row per prompt for text models, rows of 8 for unconditional ones. ``generate`` picks its own compute
+    dtype (bf16 where the hardware has fast bf16 matmuls) unless ``bf16`` is False (then float32)."""
     from rqvae.images import make_grid
 
     if cond.kind == "class":
@@ -278,8 +271,8 @@ def sample_grid(model: Any, vae: Any, cond: Conditions, n_per_cond: int, seed: i
     was_training = model.training
     model.eval()
     g = torch.Generator(device=torch.device(device)).manual_seed(seed)
-    with autocast(device, bf16):
-        codes = model.generate(c.to(device), top_k=top_k, top_p=top_p, generator=g)  # (N, h, w, D)
+    codes = model.generate(c.to(device), top_k=top_k, top_p=top_p, generator=g,
+                           dtype=None if bf16 else torch.float32)  # (N, h, w, D)
     model.train(was_training)
     images = vae.decode(codes.to(device)).float().clamp(-1, 1).cpu()  # (N, C, H, W)
     return make_grid(images, nrow=nrow)
@@ -388,18 +381,20 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
     sums: dict[str, float] = {}
     n_logged = 0
     t_last = time.perf_counter()
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     try:
-        while step < cfg.steps:
+        while step < end:
             idx = torch.tensor(next(sampler), dtype=torch.long)  # (B,)
             g = step_generator(cfg.seed, step, info.rank)
             z = cache.latents[idx].to(device=device, dtype=torch.float32)  # (B, h, w, n_z)
             # Eq. 15: soft labels Q_tau and codes drawn from them (fresh every batch)
             probs, codes = quantizer.soft_codes(z, cfg.temperature, stochastic=cfg.stochastic, generator=g)
-            c = drop_conditions(cond.values[idx], cfg.cond_dropout, cond.null(), g).to(device)
+            c = cond.values[idx].to(device)  # (B,) or (B, L); the model drops it to null w.p. cfg_dropout
             B, h, w, D = codes.shape
             opt.zero_grad(set_to_none=True)
             with autocast(device, cfg.bf16):
-                logits, text_logits = _split_output(ddp(codes, c))  # (B, T, D, K), (B, L-1, V)
+                out = ddp(codes, c, return_cond_logits=cond.kind == "text")
+            logits, text_logits = _split_output(out)  # (B, T, D, K), (B, L-1, V)
             img_loss = ar_image_loss(logits, probs.reshape(B, h * w, D, -1), codes.reshape(B, h * w, D),
                                      soft_labels=cfg.soft_labels)
             parts = {"loss/image": img_loss}
@@ -430,19 +425,21 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm
             n_logged += 1
             logger.advance()
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == end:
                 now = time.perf_counter()
                 values = dist.all_reduce_mean({k: v / n_logged for k, v in sums.items()})
                 values["lr"] = opt.param_groups[0]["lr"]
                 values["perf/images_per_s"] = n_logged * cfg.batch_size * info.world_size / (now - t_last)
                 logger.scalars(step, values)
                 sums, n_logged, t_last = {}, 0, now
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if step % cfg.checkpoint_every == 0 and step < end:
                 save(step)
-            if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step < cfg.steps:
+            if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step < end:
                 samples(step)
         save(step)
-        if is_main:
+        if step < cfg.steps:  # stopped early by stop_after: the checkpoint is the result
+            logger.info(f"stopped at step {step} of {cfg.steps}; continue with --resume")
+        elif is_main:
             samples(step)
             out = model.save_pretrained(run_dir / "model")
             if cond.kind == "text":

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache", default=None,
                    help="folder of cached encoder features (default: $RQVAE_CACHE or ~/.cache/rqvae)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in total")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this invocation after this step with a checkpoint (continue with --resume)")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate (default: 5e-4 as official for the paper presets; 1e-3 for the "
@@ -43,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.5, help="tau of the soft labels (Sec. 3.2.3)")
     p.add_argument("--no-soft-labels", action="store_true", help="ablation: one-hot targets of the codes")
     p.add_argument("--no-stochastic", action="store_true", help="ablation: greedy codes as inputs")
-    p.add_argument("--cond-dropout", type=float, default=0.0,
-                   help="probability of the null condition, for classifier-free guidance")
+    p.add_argument("--cond-dropout", type=float, default=None,
+                   help="probability of the null condition, for classifier-free guidance "
+                        "(default: the preset's cfg_dropout; fmnist-small 0.1)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--log-every", type=int, default=50)
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         model=_model_overrides(args.model_config), split=args.split, captions=args.captions,
         tokenizer=args.tokenizer, text_len=args.text_len, text_vocab_size=args.text_vocab_size,
         flip=args.flip,
-        feature_cache=args.feature_cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        feature_cache=args.feature_cache, steps=args.steps, stop_after=args.stop_after,
+        batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, betas=tuple(args.betas), warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip, bf16=not args.no_bf16, temperature=args.temperature,
         soft_labels=not args.no_soft_labels, stochastic=not args.no_stochastic,
