@@ -19,7 +19,7 @@ from rqvae.data import TensorImageDataset
 from rqvae.train_vae import TrainVAEConfig, train_vae
 from rqvae.training import NonFiniteLossError
 
-STEPS = 10
+STEPS = 12
 ARGS = ["--preset", "tiny", "--model-config", '{"ch": 16, "codebook_size": 32}', "--image-size", "16",
         "--batch-size", "4", "--steps", str(STEPS), "--disc-start", "3", "--disc-ndf", "16", "--lr", "1e-3",
         "--warmup-steps", "2", "--ema", "0.9", "--log-every", "1", "--checkpoint-every", "2",

@@ -75,7 +75,7 @@ def test_resume_is_bitwise_identical(tmp_path):
     """k steps + resume for k more == 2k steps in one go (GAN on, EMA, grad accumulation, augmentation)."""
     ds = TensorImageDataset(synthetic_images(32), augment=True)
     kw = dict(steps=6, disc_start=2, ema_decay=0.9, grad_accum=2, batch_size=4, checkpoint_every=3,
-              log_every=1, sample_every=0)
+              log_every=1, sample_every=2)
     full, part = tmp_path / "full", tmp_path / "part"
     a = train_vae(small_cfg(full, **kw), dataset=ds)
     with pytest.raises(UserError, match="--resume"):  # a used run folder needs --resume
