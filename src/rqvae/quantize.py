@@ -220,10 +220,14 @@ class ResidualQuantizer(nn.Module):
                 r -= books[b].index_select(0, k)
         return codes
 
-    def _beam(self, x: Tensor, beam_size: int, prefix_weight: float) -> Tensor:
-        """(N, dim) -> (N, depth) codes of the best path found by beam search."""
+    def _beam(self, x: Tensor, beam_size: int, prefix_weight: float, n_depths: int | None = None,
+              residuals_out: Tensor | None = None) -> Tensor:
+        """(N, dim) -> (N, n_depths) codes of the best path found by beam search over the first
+        ``n_depths`` depths (all by default); the residuals of all final beams are written to
+        ``residuals_out`` (N, B, dim) if given (training on beam residuals, as faiss does)."""
         n, K, dim = x.shape[0], self.codebook_size, self.dim
-        out = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
+        n_depths = self.depth if n_depths is None else n_depths
+        out = torch.empty(n, n_depths, dtype=torch.long, device=x.device)
         books = [self._book(d) for d in range(self.n_books)]
         sq = [(b * b).sum(1) for b in books]
         chunk = max(1, _CHUNK_ELEMENTS // (K * beam_size))
@@ -234,7 +238,7 @@ class ResidualQuantizer(nn.Module):
             score0 = (r * r).sum(-1)  # (n, B) ||r||^2 (+ prefix terms, see encode)
             prefix = torch.zeros_like(score0)  # (n, B) prefix_weight * errors of the coarser partial sums
             paths = torch.zeros(m, 1, 0, dtype=torch.long, device=x.device)  # (n, B, d)
-            for d in range(self.depth):
+            for d in range(n_depths):
                 b = 0 if self.shared_codebook else d
                 B = r.shape[1]
                 # ||r - e_k||^2 + prefix = (||r||^2 + prefix) - 2 r.e_k + ||e_k||^2, one matmul for all beams
@@ -249,6 +253,8 @@ class ResidualQuantizer(nn.Module):
                 paths = torch.cat([paths[rows, parent], k[..., None]], dim=-1)
             best = (score0 + prefix - prefix_weight * score0).argmin(dim=1)  # final: err + earlier prefix
             out[s:s + chunk] = paths[rows[:, 0], best]
+            if residuals_out is not None:
+                residuals_out[s:s + chunk] = r
         return out
 
     # ------------------------------------------------------------------ training forward
@@ -415,18 +421,21 @@ class ResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ offline fit
     @torch.no_grad()
-    def fit(self, vectors: Tensor, kmeans_iters: int = 20, refine_iters: int = 4, beam_size: int = 8,
-            seed: int = 0, verbose: bool = False) -> float:
-        """Warm-start the codebooks from data (offline); returns the final mean squared error per element.
+    def fit(self, vectors: Tensor, kmeans_iters: int = 10, refine_iters: int = 4, beam_size: int = 8,
+            holdout: float = 0.1, seed: int = 0, verbose: bool = False) -> float:
+        """Warm-start the codebooks from data (offline); returns the MSE per element on ``vectors``.
 
-        1. Initialisation. One codebook per depth: progressive k-means (``kmeans_iters`` Lloyd steps) on
-           each depth's residuals. Shared codebook: k-means on the vectors, then ``kmeans_iters`` pooled
-           Lloyd steps (encode greedily, move each code to the mean of every residual it quantizes at
-           any depth; the batch form of the EMA update).
+        1. Initialisation. One codebook per depth: depth by depth, k-means (progressive-dimension, see
+           ``_kmeans``, ``kmeans_iters`` Lloyd steps per stage) on the residuals of the ``beam_size``
+           best partial paths found by beam search with the codebooks fitted so far (for
+           ``beam_size=1``, the greedy residuals). Shared codebook: k-means on the vectors, then
+           ``kmeans_iters`` pooled Lloyd steps (encode greedily, move each code to the mean of every
+           residual it quantizes at any depth; the batch form of the EMA update).
         2. ``refine_iters`` passes of: encode with beam search (``beam_size``), then solve for all
            codebook rows jointly by least squares, ``min_E || Z - A E ||^2`` where ``A[n, k]`` counts the
-           times code k is on vector n's path (a (n_books K)^2 normal system); the best codebook seen
-           (by the MSE of its beam encoding) is kept.
+           times code k is on vector n's path (a (n_books K)^2 normal system). The refinement fits a
+           ``1 - holdout`` part of the vectors and keeps the codebook with the lowest MSE on the other
+           part (initialisation included), so it cannot overfit (no hold-out below 1000 vectors).
         3. The EMA statistics are reset to match the fit: ``ema_count`` proportional to the code usage
            with a mean of 1 per code (a weak prior that training batches soon outweigh), ``ema_sum =
            codebook * ema_count``.
@@ -438,43 +447,52 @@ class ResidualQuantizer(nn.Module):
                             f"got {x.shape[0]}; pass more vectors")
         g = torch.Generator().manual_seed(seed)
         K = self.codebook_size
+        n_val = int(x.shape[0] * holdout) if x.shape[0] * holdout >= 1000 and refine_iters > 0 else 0
+        perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+        val = x[perm[:n_val]] if n_val else x  # (N_val, dim) held out for choosing the refinement step
+        train = x[perm[n_val:]] if n_val else x  # (N_train, dim)
         with _float32(x.device):
             if self.shared_codebook:
-                book = _kmeans(x, K, kmeans_iters, g)
+                book = _kmeans(train, K, kmeans_iters, g)
                 self.codebook[0] = book
                 for _ in range(kmeans_iters):
-                    codes = self._greedy(x)
+                    codes = self._greedy(train)
                     partial = self.embed(codes).cumsum(dim=1)
-                    res = (x[:, None] - F.pad(partial[:, :-1], (0, 0, 1, 0))).reshape(-1, self.dim)
+                    res = (train[:, None] - F.pad(partial[:, :-1], (0, 0, 1, 0))).reshape(-1, self.dim)
                     counts = torch.bincount(codes.reshape(-1), minlength=K).float()
                     sums = torch.zeros(K, self.dim, device=x.device).index_add_(0, codes.reshape(-1), res)
                     self.codebook[0] = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None],
                                                    self.codebook[0])
             else:
-                r = x.clone()
                 for d in range(self.depth):
-                    book = _kmeans(r, K, kmeans_iters, g)
-                    self.codebook[d] = book
-                    r -= book[_nearest(r, book)]
-            codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
-            best_err, best_book, best_codes = self._mse(x, codes), self.codebook.clone(), codes
+                    if d == 0:
+                        r = train
+                    else:  # the residuals of all beam_size partial paths over depths < d
+                        beams = min(beam_size, K ** d)
+                        res = torch.empty(train.shape[0], beams, self.dim, device=x.device)
+                        self._beam(train, beams, 0.0, n_depths=d, residuals_out=res)
+                        r = res.reshape(-1, self.dim)
+                    self.codebook[d] = _kmeans(r, K, kmeans_iters, g)
+            # refinement: least squares on the training part; the best codebook by held-out MSE wins
+            best_err = self._mse(val, self.encode(val, beam_size=beam_size))
+            best_book = self.codebook.clone()
             if verbose:
-                print(f"fit: init mse {best_err:.6f}")
+                print(f"fit: init, held-out mse {best_err:.6f}")
             for it in range(refine_iters):
-                self._least_squares(x, codes)
-                codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
-                err = self._mse(x, codes)
+                self._least_squares(train, self.encode(train, beam_size=beam_size))
+                err = self._mse(val, self.encode(val, beam_size=beam_size))
                 if verbose:
-                    print(f"fit: refine {it + 1} mse {err:.6f}")
+                    print(f"fit: refine {it + 1}, held-out mse {err:.6f}")
                 if err < best_err:
-                    best_err, best_book, best_codes = err, self.codebook.clone(), codes
+                    best_err, best_book = err, self.codebook.clone()
             self.codebook.copy_(best_book)
-            flat = (best_codes + self.book_of_depth * K).reshape(-1)
+            codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
+            flat = (codes + self.book_of_depth * K).reshape(-1)
             counts = torch.bincount(flat, minlength=self.n_books * K).float().view(self.n_books, K)
             self.ema_count.copy_(counts / counts.mean(dim=1, keepdim=True))
             self.ema_sum.copy_(self.codebook * self.ema_count[..., None])
             self.depth_count.zero_()
-        return best_err
+        return self._mse(x, codes)
 
     def _mse(self, x: Tensor, codes: Tensor) -> float:
         return float(((x - self.decode(codes)) ** 2).mean())
@@ -558,16 +576,44 @@ def _nearest(x: Tensor, book: Tensor) -> Tensor:
     return out
 
 
-def _kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
-    """Lloyd's k-means on (N, dim) from k random distinct points; empty clusters re-seeded from points."""
-    n = x.shape[0]
-    centers = x[torch.randperm(n, generator=generator)[:k].to(x.device)].clone()  # (k, dim)
-    for _ in range(iters):
-        assign = _nearest(x, centers)
-        counts = torch.bincount(assign, minlength=k).float()
-        sums = torch.zeros_like(centers).index_add_(0, assign, x)
-        centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
-        empty = (counts == 0).nonzero().squeeze(1)
-        if empty.numel():
-            centers[empty] = x[torch.randint(n, (empty.numel(),), generator=generator).to(x.device)]
-    return centers
+def _kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator, progressive_steps: int = 10,
+            max_points_per_code: int = 256) -> Tensor:
+    """k-means of (N, dim) into k centres, with progressive dimensions (as faiss's ProgressiveDimClustering).
+
+    The vectors are rotated onto their principal axes; Lloyd's algorithm (``iters`` steps) runs first on
+    the leading ``dim^(1/S)`` principal coordinates, then on more and more of them (``dim^(s/S)``, s = 1..S),
+    each stage starting from the previous centres, and the last stage on all coordinates. Starting in
+    the few high-variance directions finds better optima than random starts in full dimension. At most
+    ``max_points_per_code * k`` random vectors are used. Empty clusters are re-seeded from random vectors.
+    """
+    n, dim = x.shape
+    if n > max_points_per_code * k:
+        x = x[torch.randperm(n, generator=generator)[:max_points_per_code * k].to(x.device)]
+        n = x.shape[0]
+    mean = x.mean(dim=0)
+    xc = (x - mean).double()
+    evals, evecs = torch.linalg.eigh(xc.t() @ xc / n)  # ascending
+    rot = evecs.flip(1).float()  # (dim, dim) principal axes, largest variance first
+    y = (x - mean) @ rot  # (N, dim) principal coordinates
+    steps = max(1, progressive_steps)
+    dims = sorted({max(1, int(dim ** ((s + 1) / steps))) for s in range(steps - 1)} | {dim})
+    centers = y[torch.randperm(n, generator=generator)[:k].to(x.device), :dims[0]].clone()  # (k, d_0)
+    assign = None
+    for di in dims:
+        ys = y[:, :di].contiguous()
+        if centers.shape[1] < di:  # extend the centres by the means of their clusters in the new coordinates
+            counts = torch.bincount(assign, minlength=k).float().clamp_min(1)[:, None]
+            extra = torch.zeros(k, di - centers.shape[1], device=x.device)
+            extra.index_add_(0, assign, ys[:, centers.shape[1]:])
+            centers = torch.cat([centers, extra / counts], dim=1)
+        for _ in range(iters):
+            assign = _nearest(ys, centers)
+            counts = torch.bincount(assign, minlength=k).float()
+            sums = torch.zeros_like(centers).index_add_(0, assign, ys)
+            centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+            empty = (counts == 0).nonzero().squeeze(1)
+            if empty.numel():
+                centers[empty] = ys[torch.randint(n, (empty.numel(),), generator=generator).to(x.device)]
+        if assign is None:  # iters == 0
+            assign = _nearest(ys, centers)
+    return centers @ rot.t() + mean  # back to the input coordinates
