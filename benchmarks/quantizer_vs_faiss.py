@@ -98,8 +98,8 @@ def run_ours(xt: np.ndarray, xv: np.ndarray, beam: int, shared: bool = False) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=50_000)
-    ap.add_argument("--n-test", type=int, default=20_000)
+    ap.add_argument("--n-train", type=int, default=30_000)
+    ap.add_argument("--n-test", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=1, help="threads for both torch and faiss")
     ap.add_argument("--repeats", type=int, default=5, help="timed encodes; the fastest counts")
     ap.add_argument("--shared", action="store_true", help="also fit our shared-codebook variant")
