@@ -77,8 +77,9 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
     "ffhq256-8x8x4": dict(image_size=256, in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4),
                           num_res_blocks=2, attn_resolutions=(16,), z_channels=256, embed_dim=256,
                           codebook_size=2048, depth=4),
-    # Fashion-MNIST (28x28 padded to 32x32, grayscale): 32 -> 8, small enough to train on 2 CPU cores.
-    "fmnist32-8x8x4": dict(image_size=32, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+    # Fashion-MNIST (28x28 padded to 32x32, grayscale): 32 -> 8, small enough to train on 2 CPU cores
+    # (0.81M parameters, 0.59 GFLOP per image per training step; ch=32, ch_mult=(1, 2, 2) costs 2.2x more).
+    "fmnist32-8x8x4": dict(image_size=32, in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
                            attn_resolutions=(8,), z_channels=64, embed_dim=64, codebook_size=256, depth=4),
     # Tests: the same architecture as tests/data/official/rqvae_tiny.
     "tiny": dict(image_size=32, in_channels=3, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
