@@ -6,8 +6,10 @@ Z = E(X) of shape (h, w, n_z), h = H / f.  Each vector z of Z is represented by 
     RQ(z; C, D) = (k_1, ..., k_D),   r_0 = z,   k_d = argmin_k ||r_{d-1} - e(k)||^2,   r_d = r_{d-1} - e(k_d)
 
 so that the partial sums  z^(d) = sum_{i<=d} e(k_i)  approximate z coarse-to-fine.  The decoder G
-reconstructs X^ = G(z^(D)).  Training minimises  ||X - X^||^2 + beta * L_commit  (beta = 0.25), with
-L_commit = sum_d ||Z - sg[Z^(d)]||^2 computed by the quantizer; the codebook itself is updated by EMA.
+reconstructs X^ = G(z^(D)).  Training minimises  ||X - X^||^2 + beta * L_commit  (beta = 0.25), where the
+quantizer computes L_commit from ||Z - sg[Z^(d)]||^2 over the depths d (Eq. 7; the official code averages
+over d), and the gradient reaches the encoder through the straight-through estimator.  The codebook itself
+is updated by EMA, not by gradients.
 
 The encoder/decoder follow the taming-transformers layout that the official implementation uses, with
 the same module names, so that official weights load by renaming only the quantizer's tensors
