@@ -101,6 +101,13 @@ def test_forward_straight_through_and_commitment():
     assert set(rq.state_dict()) == {"codebook", "ema_count", "ema_sum"}
 
 
+def test_empty_batch():
+    rq = make().train()
+    rq(torch.randn(50, 8))
+    out = rq(torch.randn(0, 8))  # e.g. an empty last batch: no crash, nothing to restart from
+    assert out.codes.shape == (0, 3) and out.quantized.shape == (0, 8)
+
+
 def test_eval_mode_does_not_update():
     rq = make().eval()
     before = rq.codebook.clone()

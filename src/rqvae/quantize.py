@@ -343,6 +343,8 @@ class ResidualQuantizer(nn.Module):
                 continue
             cand = residuals.reshape(-1, self.dim) if self.shared_codebook else residuals[:, b]
             vectors = _pick_global(cand, int(n_dead[b]))  # (n_dead, dim)
+            if vectors is None:  # an empty global batch: nothing to restart from
+                return
             if self.dead_code_relative:
                 reset = self.ema_count[b].mean().clamp_min(1e-3)
             else:
@@ -532,11 +534,12 @@ class ResidualQuantizer(nn.Module):
                 p, rr = res + (rr_new / rr) * p, rr_new
         self.codebook.copy_(new.view_as(self.codebook).float())
 
-def _pick_global(candidates: Tensor, n: int) -> Tensor:
+def _pick_global(candidates: Tensor, n: int) -> Tensor | None:
     """``n`` random rows of the concatenation of every rank's ``candidates`` (M_r, dim), same on all ranks.
 
-    Without replacement when there are enough rows, otherwise with replacement. The indices are drawn
-    with the default CPU generator (on rank 0 and broadcast under torch.distributed).
+    Without replacement when there are enough rows, otherwise with replacement; None if no rank has
+    any. The indices are drawn with the default CPU generator (on rank 0 and broadcast under
+    torch.distributed).
     """
     world = _dist_world()
     device = candidates.device
@@ -549,7 +552,7 @@ def _pick_global(candidates: Tensor, n: int) -> Tensor:
         sizes = [int(t) for t in gathered]
     total = sum(sizes)
     if total == 0:
-        raise RuntimeError("no vectors to restart dead codes from")  # unreachable: a step has vectors
+        return None
     if world == 1 or dist.get_rank() == 0:
         idx = torch.randperm(total)[:n] if total >= n else torch.randint(total, (n,))
         idx = idx.to(device)
