@@ -1,0 +1,507 @@
+"""The RQ-Transformer (Lee et al., CVPR 2022, Sec. 3.2): a spatial transformer over the H*W positions
+and a depth transformer over the D residual codes of each position.
+
+Notation: codes S (B, H, W, D) with T = H*W positions in raster order, code embeddings e(k) = the
+frozen RQ-VAE codebook row k (n_z wide).
+
+Spatial transformer (Eq. 10-11). The condition tokens c_1..c_L are prepended; the input at the
+image slot for position t is ``u(S_t) = sum_d input_mlp(e(S_{t,d}))`` plus ``PE_T(t)`` and the
+sequence is shifted by one, so the output h_t that predicts position t sees the condition and S_{<t} only::
+
+    seq = [cond_emb(c_1) + PE_c(1), ..., cond_emb(c_L) + PE_c(L),
+           u(S_0) + PE_T(0), ..., u(S_{T-2}) + PE_T(T-2)]
+    h_t = SpatialTransformer(seq)[L - 1 + t]                      t = 0..T-1
+
+The learned PE of an image slot is the PE of the code that fills it, and input_mlp is applied to
+each depth's embedding before the sum (its bias counts D times): both as in the official code, checked
+against its logits; a learned table makes this the same family as the paper's PE_T(t) + e(S_{t-1}).
+
+Depth transformer (Eq. 12-13). For each position t, with the cumulative sum over depth
+E_{t,d} = sum_{d' <= d} e(S_{t,d'}) (the partial RQ-VAE reconstruction)::
+
+    v_{t,0} = h_t + PE_D(0),   v_{t,d} = head_mlp(E_{t,d-1}) + PE_D(d)   (d = 1..D-1)
+
+(head_mlp acts on the cumulative sum, so its bias counts once).
+    p(S_{t,d} | S_{<t}, S_{t,<d}) = softmax(Linear(LN(DepthTransformer(v_t)[d])))
+
+The output head is shared by all depths. Both stacks are pre-LN GPT blocks with causal masks.
+Text models also predict the next text token from the spatial outputs at the condition slots.
+
+Sampling (:meth:`RQTransformer.generate`) keeps static key/value caches in both stacks, so each step
+runs one new token through each layer; see the method's docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rqvae.errors import UserError
+from rqvae.hub import PretrainedMixin
+from rqvae.sampling import default_dtype, per_depth, sample_from_logits
+
+COND_TYPES = ("uncond", "class", "text")
+
+
+@dataclass
+class RQTransformerConfig:
+    code_shape: tuple[int, int, int] = (8, 8, 4)  # (H, W, D)
+    vocab_size: int = 256  # K, codebook size of the RQ-VAE
+    embed_dim: int = 64  # n_z, width of the RQ-VAE code embeddings
+    width: int = 256
+    n_spatial_layers: int = 4
+    n_depth_layers: int = 2
+    n_heads: int = 8
+    cond_type: str = "class"  # "uncond" | "class" | "text"
+    num_classes: int = 10  # class models: number of classes
+    text_vocab_size: int = 0  # text models: size of the text token vocabulary
+    cond_len: int = 1  # number of condition tokens (1 for class / uncond; text length for text)
+    cfg_dropout: float = 0.0  # training: probability of replacing the condition by the null one (CFG)
+    dropout: float = 0.1  # residual dropout
+    attn_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.code_shape = tuple(int(s) for s in self.code_shape)  # type: ignore[assignment]
+        if len(self.code_shape) != 3 or min(self.code_shape) < 1:
+            raise UserError(f"code_shape must be (H, W, D) with positive sizes, got {self.code_shape}")
+        if self.cond_type not in COND_TYPES:
+            raise UserError(f"cond_type must be one of {COND_TYPES}, got {self.cond_type!r}")
+        if self.width % self.n_heads:
+            raise UserError(f"width {self.width} is not divisible by n_heads {self.n_heads}")
+        if self.cond_type == "class" and self.num_classes < 1:
+            raise UserError("a class-conditional model needs num_classes >= 1")
+        if self.cond_type == "text" and self.text_vocab_size < 1:
+            raise UserError("a text-conditional model needs text_vocab_size >= 1")
+        if self.cond_type != "text" and self.cond_len != 1:
+            raise UserError(f"{self.cond_type} models have exactly one condition token, "
+                            f"got cond_len {self.cond_len}")
+        if self.cond_len < 1:
+            raise UserError(f"cond_len must be >= 1, got {self.cond_len}")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise UserError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        if self.cond_type == "uncond" and self.cfg_dropout > 0:
+            raise UserError("cfg_dropout needs a class or text condition; "
+                            "unconditional models have none to drop")
+
+    @property
+    def num_positions(self) -> int:
+        return self.code_shape[0] * self.code_shape[1]
+
+    @property
+    def depth(self) -> int:
+        return self.code_shape[2]
+
+    @property
+    def cond_vocab(self) -> int:
+        """Real condition vocabulary (without the null token)."""
+        return {"uncond": 1, "class": self.num_classes, "text": self.text_vocab_size}[self.cond_type]
+
+    @property
+    def has_null_cond(self) -> bool:
+        return self.cfg_dropout > 0
+
+    @property
+    def null_id(self) -> int:
+        """Token id of the null condition used by classifier-free guidance (an extra embedding row)."""
+        if not self.has_null_cond:
+            raise UserError("this model was not trained with cfg_dropout, so it has no null condition "
+                            "for classifier-free guidance; use --cfg-scale 1")
+        return self.cond_vocab
+
+
+# The paper's models (sizes from the official configs; parameter counts in reference-facts.md),
+# and small presets that train and sample on a CPU.
+AR_PRESETS: dict[str, RQTransformerConfig] = {
+    "imagenet-480m": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 12, 4, 24, "class", 1000),
+    "imagenet-821m": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 24, 4, 24, "class", 1000),
+    "imagenet-1.4b": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 42, 6, 24, "class", 1000),
+    "imagenet-3.8b": RQTransformerConfig((8, 8, 4), 16384, 256, 2560, 42, 6, 40, "class", 1000),
+    "cc3m-654m": RQTransformerConfig((8, 8, 4), 16384, 256, 1280, 26, 4, 20, "text", 0,
+                                     text_vocab_size=16384, cond_len=32),
+    "ffhq-355m": RQTransformerConfig((8, 8, 4), 2048, 256, 1024, 24, 4, 16, "uncond", 1),
+    "lsun-church-370m": RQTransformerConfig((8, 8, 4), 16384, 256, 1024, 24, 4, 16, "uncond", 1),
+    "lsun-catbedroom-612m": RQTransformerConfig((8, 8, 4), 16384, 256, 1280, 26, 4, 20, "uncond", 1),
+    # CPU presets: Fashion-MNIST 32x32 -> 8x8x4 codes, K = 256, class-conditional with a null class.
+    "fmnist-small": RQTransformerConfig((8, 8, 4), 256, 64, 256, 4, 2, 8, "class", 10, cfg_dropout=0.1),
+    "tiny": RQTransformerConfig((4, 4, 2), 16, 8, 32, 2, 1, 4, "class", 10, dropout=0.0),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, n_heads: int, attn_dropout: float, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+        self.attn_dropout = attn_dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = (m(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, h, L, hd)
+                   for m in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, C)))
+
+
+class Block(nn.Module):
+    """Pre-LN GPT block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x exact-GELU MLP."""
+
+    def __init__(self, width: int, n_heads: int, attn_dropout: float, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, n_heads, attn_dropout, dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class OutputHead(nn.Module):
+    """LayerNorm + Linear: the classifier over the codebook (shared by all depths) or the text vocabulary."""
+
+    def __init__(self, width: int, n_out: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.ln(x))
+
+
+class RQTransformer(PretrainedMixin, nn.Module):
+    """Stage-2 model. ``RQTransformer(config, codebook)`` with the RQ-VAE codebook (K, n_z).
+
+    The codebook is stored as a (frozen) buffer, so a saved model is self-contained; without one the
+    buffer is zeros, to be filled by ``from_pretrained`` / ``load_state_dict``.
+    """
+
+    config_class: ClassVar[type] = RQTransformerConfig
+    model_type: ClassVar[str] = "rqtransformer"
+
+    def __init__(self, config: RQTransformerConfig, codebook: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        H, W, D = c.code_shape
+        if codebook is None:
+            codebook = torch.zeros(c.vocab_size, c.embed_dim)
+        codebook = codebook.detach().float()
+        if codebook.dim() == 3 and codebook.shape[0] == 1:  # a shared ResidualQuantizer codebook (1, K, n_z)
+            codebook = codebook[0]
+        if tuple(codebook.shape) != (c.vocab_size, c.embed_dim):
+            raise UserError(f"codebook has shape {tuple(codebook.shape)}, the config expects "
+                            f"(vocab_size, embed_dim) = ({c.vocab_size}, {c.embed_dim}); pass the RQ-VAE "
+                            "that the codes come from")
+        self.register_buffer("codebook", codebook.clone())  # (K, n_z), frozen
+
+        n_cond = c.cond_vocab + (1 if c.has_null_cond else 0)
+        self.cond_emb = nn.Embedding(n_cond, c.width)
+        self.pos_cond = nn.Parameter(torch.zeros(c.cond_len, c.width))
+        self.pos_spatial = nn.Parameter(torch.zeros(H * W, c.width))
+        self.pos_depth = nn.Parameter(torch.zeros(D, c.width))
+        self.input_mlp = nn.Linear(c.embed_dim, c.width)  # spatial input: project each depth, then sum
+        self.head_mlp = nn.Linear(c.embed_dim, c.width)  # depth input: cumulative sum, then project
+        self.drop = nn.Dropout(c.dropout)
+        self.spatial_blocks = nn.ModuleList(
+            Block(c.width, c.n_heads, c.attn_dropout, c.dropout) for _ in range(c.n_spatial_layers))
+        self.depth_blocks = nn.ModuleList(
+            Block(c.width, c.n_heads, c.attn_dropout, c.dropout) for _ in range(c.n_depth_layers))
+        self.head = OutputHead(c.width, c.vocab_size)
+        self.text_head = OutputHead(c.width, c.text_vocab_size) if c.cond_type == "text" else None
+        if self.codebook.device.type != "meta":  # nothing to initialise when only counting parameters
+            self.apply(self._init_weights)
+            for p in (self.pos_cond, self.pos_spatial, self.pos_depth):
+                nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_preset(cls, name: str, codebook: torch.Tensor | None = None, **overrides) -> RQTransformer:
+        if name not in AR_PRESETS:
+            raise UserError(f"unknown RQ-Transformer preset {name!r}; choose one of {sorted(AR_PRESETS)}")
+        return cls(replace(AR_PRESETS[name], **overrides), codebook=codebook)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------------------------------- checks
+    def check_codes(self, codes: torch.Tensor) -> None:
+        c = self.config
+        if codes.dim() != 4 or tuple(codes.shape[1:]) != c.code_shape:
+            raise UserError(f"codes have shape {tuple(codes.shape)}, the model expects (B, *{c.code_shape}); "
+                            "encode with the RQ-VAE this model was trained on")
+        if codes.dtype.is_floating_point:
+            raise UserError("codes must be integer tensors")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c.vocab_size):
+            raise UserError(f"codes must lie in [0, {c.vocab_size}), got range "
+                            f"[{int(codes.min())}, {int(codes.max())}]")
+
+    def check_cond(self, cond: torch.Tensor | int | None, batch_size: int | None = None,
+                   allow_null: bool = False) -> torch.Tensor:
+        """Validate (and build) the condition: (B,) class ids, (B, L) text ids, or None / zeros for uncond."""
+        c = self.config
+        device = self.codebook.device
+        if c.cond_type == "uncond":
+            if cond is not None and torch.is_tensor(cond) and cond.numel() and int(cond.abs().max()) != 0:
+                raise UserError("this model is unconditional; do not pass a class or text")
+            if batch_size is None:
+                batch_size = cond.shape[0] if torch.is_tensor(cond) else 1
+            return torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        if cond is None:
+            raise UserError(f"this model is {c.cond_type}-conditional; pass a "
+                            f"{'class id' if c.cond_type == 'class' else 'text'}")
+        cond = torch.as_tensor(cond, device=device)
+        if cond.dtype.is_floating_point:
+            raise UserError("conditions must be integer ids")
+        hi = c.cond_vocab + (1 if (allow_null and c.has_null_cond) else 0)
+        if c.cond_type == "class":
+            if cond.dim() == 0:
+                cond = cond.expand(batch_size or 1)
+            if cond.dim() == 2 and cond.shape[1] == 1:
+                cond = cond[:, 0]
+            if cond.dim() != 1:
+                raise UserError(f"class conditions must have shape (B,), got {tuple(cond.shape)}")
+            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= hi):
+                raise UserError(f"class id out of range: the model has classes 0..{c.num_classes - 1}")
+            cond = cond[:, None]
+        else:
+            if cond.dim() == 1:
+                cond = cond[None].expand(batch_size or 1, -1)
+            if cond.dim() != 2 or cond.shape[1] != c.cond_len:
+                raise UserError(f"text conditions must have shape (B, {c.cond_len}), "
+                                f"got {tuple(cond.shape)}; encode the text with the model's tokenizer.json")
+            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= hi):
+                raise UserError(f"text token ids must lie in [0, {c.text_vocab_size})")
+        if batch_size is not None and cond.shape[0] != batch_size:
+            raise UserError(f"got {cond.shape[0]} conditions for a batch of {batch_size}")
+        return cond.long()  # (B, L)
+
+    def null_cond(self, batch_size: int) -> torch.Tensor:
+        """The null condition (B, L) for classifier-free guidance."""
+        return torch.full((batch_size, self.config.cond_len), self.config.null_id, dtype=torch.long,
+                          device=self.codebook.device)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """e(S): (B, H, W, D) -> (B, H, W, D, n_z), rows of the frozen codebook."""
+        return F.embedding(codes, self.codebook)
+
+    def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None,
+                return_cond_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits.
+
+        codes (B, H, W, D) int64, cond: (B,) class ids, (B, L) text ids, or None for unconditional models.
+        Returns logits (B, H*W, D, K); with ``return_cond_logits=True`` (text models) also the next-token
+        logits of the text, (B, L-1, text_vocab): position i predicts text token i+1.
+        In training mode with ``cfg_dropout > 0`` each condition is replaced by the null condition with
+        that probability (classifier-free guidance training).
+        """
+        c = self.config
+        self.check_codes(codes)
+        B = codes.shape[0]
+        H, W, D = c.code_shape
+        T, L = H * W, c.cond_len
+        cond = self.check_cond(cond, batch_size=B, allow_null=True)  # (B, L)
+        if self.training and c.cfg_dropout > 0:
+            drop = torch.rand(B, 1, device=cond.device) < c.cfg_dropout
+            cond = torch.where(drop, torch.full_like(cond, c.null_id), cond)
+
+        emb = self.embed_codes(codes).reshape(B, T, D, -1)  # (B, T, D, n_z)
+        x_img = self.input_mlp(emb).sum(dim=2) + self.pos_spatial  # (B, T, C)
+        x = torch.cat([self.cond_emb(cond) + self.pos_cond, x_img[:, :-1]], dim=1)  # (B, L+T-1, C)
+        x = self.drop(x)
+        for blk in self.spatial_blocks:
+            x = blk(x)
+        h = x[:, L - 1:]  # (B, T, C): h_t predicts position t
+
+        ctx = self.head_mlp(emb.cumsum(dim=2)[:, :, :-1])  # (B, T, D-1, C): head_mlp(E_{t,d-1})
+        v = torch.cat([h[:, :, None], ctx], dim=2) + self.pos_depth  # (B, T, D, C)
+        v = self.drop(v).reshape(B * T, D, -1)
+        for blk in self.depth_blocks:
+            v = blk(v)
+        logits = self.head(v).reshape(B, T, D, -1)  # (B, T, D, K)
+        if not return_cond_logits:
+            return logits
+        if self.text_head is None:
+            raise UserError("return_cond_logits needs a text-conditional model")
+        return logits, self.text_head(x[:, :L - 1])  # (B, L-1, text_vocab)
+
+    # --------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor | int | None = None, batch_size: int | None = None, *,
+                 temperature: float | list[float] = 1.0, top_k: int | list[int | None] | None = None,
+                 top_p: float | list[float | None] | None = None, cfg_scale: float = 1.0,
+                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Sample codes (B, H, W, D) autoregressively: raster order over positions, then depth.
+
+        cond: (B,) class ids / (B, L) text ids / an int class id with ``batch_size`` / None (uncond).
+        temperature, top_k, top_p: a scalar or a list with one value per depth.
+        cfg_scale: classifier-free guidance, logits = l_uncond + s * (l_cond - l_uncond); the conditional
+        and null-conditional batches run together (needs a model trained with cfg_dropout).
+        generator: a torch.Generator on the model's device for reproducible samples.
+        dtype: compute dtype of the matmuls; default bfloat16 on CUDA and on CPUs with AMX, else float32.
+        LayerNorm, softmax and the residual stream stay float32 (as autocast does).
+
+        Each of the T positions runs one token through the spatial stack (static key/value cache of
+        L + T - 1 slots per layer) and D tokens through the depth stack (a D-slot cache per layer, reused
+        per position); nothing is recomputed. Input projections of the codebook are precomputed as
+        tables (K, C), so embedding a sampled code is a row lookup.
+        """
+        c = self.config
+        H, W, D = c.code_shape
+        T, L = H * W, c.cond_len
+        device = self.codebook.device
+        cond = self.check_cond(cond, batch_size=batch_size)  # (B, L)
+        B = cond.shape[0]
+        temps = per_depth(temperature, D, "temperature")
+        ks = per_depth(top_k, D, "top_k")
+        ps = per_depth(top_p, D, "top_p")
+        for t_ in temps:
+            if t_ is None or t_ <= 0:
+                raise UserError(f"temperature must be > 0, got {t_}")
+        guided = cfg_scale != 1.0
+        if guided:
+            cond = torch.cat([cond, self.null_cond(B)], dim=0)  # (2B, L): conditional, then null
+        Bx = cond.shape[0]
+        dt = dtype or default_dtype(device)
+        fw = _FastWeights(self, dt)
+        nh, hd = c.n_heads, c.width // c.n_heads
+
+        # static caches: (Bx, heads, slots, head_dim) per layer
+        s_k = torch.zeros(len(fw.spatial), Bx, nh, L + T - 1, hd, dtype=dt, device=device)
+        s_v = torch.zeros_like(s_k)
+        d_k = torch.zeros(len(fw.depth), Bx, nh, D, hd, dtype=dt, device=device)
+        d_v = torch.zeros_like(d_k)
+        out = torch.empty(B, T, D, dtype=torch.long, device=device)
+
+        x = self.cond_emb(cond) + self.pos_cond  # (Bx, L, C) prefill of the condition tokens
+        for i, blk in enumerate(fw.spatial):
+            x = _block_step(x, blk, s_k[i], s_v[i], 0, nh)
+        h = x[:, -1]  # (Bx, C)
+        for t in range(T):
+            img_in = fw.input_bias * D + self.pos_spatial[t]  # (C,) + the D code rows added below
+            v = h + self.pos_depth[0]  # (Bx, C)
+            cum = fw.head_bias  # head_mlp(E_{t,d}) accumulated as table rows
+            for d in range(D):
+                y = v[:, None]  # (Bx, 1, C)
+                for i, blk in enumerate(fw.depth):
+                    y = _block_step(y, blk, d_k[i], d_v[i], d, nh)
+                logits = F.linear(F.layer_norm(y[:, 0], (c.width,), fw.head_ln_w, fw.head_ln_b).to(dt),
+                                  fw.head_w, fw.head_b).float()  # (Bx, K)
+                if guided:
+                    lc, lu = logits[:B], logits[B:]
+                    logits = lu + cfg_scale * (lc - lu)
+                code = sample_from_logits(logits, temps[d], ks[d], ps[d], generator)  # (B,)
+                out[:, t, d] = code
+                if guided:
+                    code = torch.cat([code, code])
+                img_in = img_in + fw.input_table[code]  # (Bx, C)
+                if d + 1 < D:
+                    cum = cum + fw.head_table[code]
+                    v = cum + self.pos_depth[d + 1]
+            if t + 1 < T:
+                x = img_in[:, None]  # (Bx, 1, C) the image slot L + t
+                for i, blk in enumerate(fw.spatial):
+                    x = _block_step(x, blk, s_k[i], s_v[i], L + t, nh)
+                h = x[:, 0]
+        return out.view(B, H, W, D)
+
+
+@dataclass
+class _BlockWeights:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor  # (3C, C) query, key, value stacked
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+
+
+class _FastWeights:
+    """Weights packed once per ``generate`` call: fused QKV, matmul weights in the compute dtype, and the
+    codebook projected through input_mlp / head_mlp as lookup tables (K, C)."""
+
+    def __init__(self, model: RQTransformer, dt: torch.dtype) -> None:
+        def pack(b: Block) -> _BlockWeights:
+            a = b.attn
+            return _BlockWeights(
+                b.ln1.weight, b.ln1.bias,
+                torch.cat([a.query.weight, a.key.weight, a.value.weight]).to(dt),
+                torch.cat([a.query.bias, a.key.bias, a.value.bias]).to(dt),
+                a.proj.weight.to(dt), a.proj.bias.to(dt), b.ln2.weight, b.ln2.bias,
+                b.mlp[0].weight.to(dt), b.mlp[0].bias.to(dt), b.mlp[2].weight.to(dt), b.mlp[2].bias.to(dt))
+
+        self.spatial = [pack(b) for b in model.spatial_blocks]
+        self.depth = [pack(b) for b in model.depth_blocks]
+        self.input_table = model.codebook @ model.input_mlp.weight.t()  # (K, C) fp32
+        self.input_bias = model.input_mlp.bias
+        self.head_table = model.codebook @ model.head_mlp.weight.t()  # (K, C) fp32
+        self.head_bias = model.head_mlp.bias
+        self.head_ln_w, self.head_ln_b = model.head.ln.weight, model.head.ln.bias
+        self.head_w, self.head_b = model.head.linear.weight.to(dt), model.head.linear.bias.to(dt)
+
+
+def _block_step(x: torch.Tensor, w: _BlockWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                start: int, n_heads: int) -> torch.Tensor:
+    """One pre-LN block on new tokens x (B, n, C) at cache slots start..start+n-1 (fp32 residual stream).
+
+    With n > 1 (the prefill, start 0) the new tokens attend causally among themselves.
+    """
+    B, n, C = x.shape
+    dt = k_cache.dtype
+    hid = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b).to(dt)
+    qkv = F.linear(hid, w.qkv_w, w.qkv_b).view(B, n, 3, n_heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, n, hd)
+    end = start + n
+    k_cache[:, :, start:end] = k
+    v_cache[:, :, start:end] = v
+    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=n > 1)
+    x = x + F.linear(y.transpose(1, 2).reshape(B, n, C), w.proj_w, w.proj_b).float()
+    hid = F.layer_norm(x, (C,), w.ln2_w, w.ln2_b).to(dt)
+    return x + F.linear(F.gelu(F.linear(hid, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b).float()
+
+
+def count_sampling_flops(config: RQTransformerConfig, batch_size: int, cfg: bool = False) -> int:
+    """Multiply-add FLOPs (2 per MAC) of :meth:`RQTransformer.generate` for one batch: the matmuls of all
+    blocks (projections, MLP, attention scores and values over the cached prefix) and the output head."""
+    c = config
+    H, W, D = c.code_shape
+    T, L, C = H * W, c.cond_len, c.width
+    Bx = batch_size * (2 if cfg else 1)
+    per_token_block = 2 * 12 * C * C  # qkv 3C^2 + proj C^2 + MLP 8C^2
+    flops = 0
+    # spatial: tokens at slots 0..L+T-2, each attends to slots 0..itself
+    for slot in range(L + T - 1):
+        flops += c.n_spatial_layers * (per_token_block + 2 * 2 * (slot + 1) * C)
+    for d in range(D):
+        flops += T * c.n_depth_layers * (per_token_block + 2 * 2 * (d + 1) * C)
+    flops += T * D * 2 * C * c.vocab_size
+    return Bx * flops
+
+
+__all__ = ["AR_PRESETS", "RQTransformer", "RQTransformerConfig", "count_sampling_flops"]

@@ -1,0 +1,87 @@
+"""Official RQ-Transformer checkpoints (tests/data/official) -> RQTransformer, checked against the official
+logits computed from the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rqvae.errors import UserError
+from rqvae.official import load_official
+from rqvae.official_transformer import (
+    convert_official_rqtransformer,
+    convert_official_rqtransformer_dir,
+    load_codebook,
+)
+from rqvae.transformer import RQTransformer
+
+DATA = Path(__file__).parent / "data" / "official"
+VAE = DATA / "rqvae_tiny"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def codebook() -> torch.Tensor:
+    return load_codebook(VAE)  # (K, n_z), the padding row dropped
+
+
+@pytest.mark.parametrize("kind", ["class", "uncond", "text"])
+def test_converted_logits_match_official(kind, codebook):
+    state, arch = load_official(DATA / f"rqtransformer_{kind}_tiny")
+    model = convert_official_rqtransformer(state, arch, codebook)
+    assert model.config.cond_type == kind and not model.training
+    io = load_file(str(DATA / f"rqtransformer_{kind}_tiny" / "io.safetensors"))
+    B, H, W, D = io["codes"].shape
+    with torch.no_grad():
+        out = model(io["codes"], io["cond"], return_cond_logits=kind == "text")
+    logits, cond_logits = out if kind == "text" else (out, None)
+    torch.testing.assert_close(logits.view(B, H, W, D, -1), io["logits"], atol=1e-5, rtol=0)
+    if kind == "text":
+        torch.testing.assert_close(cond_logits, io["cond_logits"], atol=1e-5, rtol=0)
+
+
+def test_codebook_is_the_vaes_without_padding(codebook):
+    raw = torch.load(VAE / "model.pt", weights_only=True)["state_dict"]["quantizer.codebooks.0.weight"]
+    assert codebook.shape == (64, 16) and torch.equal(codebook, raw[:-1])
+
+
+def test_convert_dir_and_roundtrip_through_our_format(tmp_path, codebook):
+    model = convert_official_rqtransformer_dir(DATA / "rqtransformer_class_tiny", VAE)
+    model.save_pretrained(tmp_path / "ar")
+    loaded = RQTransformer.from_pretrained(tmp_path / "ar").eval()
+    io = load_file(str(DATA / "rqtransformer_class_tiny" / "io.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(io["codes"], io["cond"]).flatten(), io["logits"].flatten(),
+                                   atol=1e-5, rtol=0)
+    # the codebook of our own converted RQ-VAE folder works the same way
+    from rqvae.official import convert_official_rqvae
+
+    convert_official_rqvae(*load_official(VAE)).save_pretrained(tmp_path / "vae")
+    assert torch.equal(load_codebook(tmp_path / "vae"), codebook)
+
+
+def test_conversion_errors(codebook):
+    state, arch = load_official(DATA / "rqtransformer_class_tiny")
+    with pytest.raises(UserError, match="--vae"):
+        convert_official_rqtransformer(state, arch, None)
+    with pytest.raises(UserError, match="codes"):
+        convert_official_rqtransformer(state, arch, codebook[:10])
+    with pytest.raises(UserError, match="cumsum_depth_ctx"):
+        convert_official_rqtransformer(state, {**arch, "cumsum_depth_ctx": False}, codebook)
+    with pytest.raises(UserError, match="rq-transformer"):
+        convert_official_rqtransformer(state, {**arch, "type": "rq-vae"}, codebook)
+    broken = dict(state)
+    broken.pop("head_mlp.bias")
+    with pytest.raises(UserError, match="missing"):
+        convert_official_rqtransformer(broken, arch, codebook)

@@ -1,0 +1,93 @@
+"""``rqvae sample`` end to end on tiny random models (class, text, unconditional) and its user errors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rqvae.cli import main
+from rqvae.transformer import AR_PRESETS, RQTransformer
+from rqvae.vae import RQVAE
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    torch.manual_seed(0)
+    vae = RQVAE.from_preset("tiny")  # K 64, n_z 16, depth 4; 4x4x4 codes decode to 16x16 images
+    vae.save_pretrained(root / "vae")
+    cb = vae.quantizer.codebook[0]
+    small = replace(AR_PRESETS["tiny"], code_shape=(4, 4, 4), vocab_size=64, embed_dim=16)
+    RQTransformer(replace(small, cfg_dropout=0.1), codebook=cb).save_pretrained(root / "class")
+    RQTransformer(replace(small, cond_type="uncond"), codebook=cb).save_pretrained(root / "uncond")
+
+    from rqvae.text import save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(["a red dress", "a blue shirt", "red shoes", "a blue dress"] * 4, vocab_size=300,
+                          max_len=5)
+    text = replace(small, cond_type="text", text_vocab_size=tok.get_vocab_size(), cond_len=5)
+    RQTransformer(text, codebook=cb).save_pretrained(root / "text")
+    save_tokenizer(tok, root / "text")
+    other = RQVAE.from_preset("tiny")  # same shapes, another codebook
+    other.save_pretrained(root / "other_vae")
+    return root
+
+
+def run(folders: Path, model: str, out: Path, *extra: str) -> int:
+    return main(["sample", "--model", str(folders / model), "--vae", str(folders / "vae"), "-o", str(out),
+                 "--device", "cpu", *extra])
+
+
+def test_class_samples_pngs_grid_and_seed(folders, tmp_path, capsys):
+    args = ("--class", "1", "3", "--n", "3", "--batch-size", "2", "--top-k", "8", "--top-p", "0.9,0.9,1,1",
+            "--cfg-scale", "1.5", "--seed", "7")
+    assert run(folders, "class", tmp_path / "a", *args) == 0
+    assert run(folders, "class", tmp_path / "b", *args) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == [f"{i:06d}.png" for i in range(3)] + ["grid.png"]
+    assert Image.open(tmp_path / "a" / "000000.png").size == (16, 16)
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert "images/s" in capsys.readouterr().out
+    assert run(folders, "class", tmp_path / "c", *args[:-1], "8") == 0
+    assert (tmp_path / "c" / "grid.png").read_bytes() != (tmp_path / "a" / "grid.png").read_bytes()
+
+
+def test_text_and_uncond_models(folders, tmp_path):
+    assert run(folders, "text", tmp_path / "t", "--text", "a red dress", "--n", "2") == 0
+    assert len(list((tmp_path / "t").glob("*.png"))) == 3
+    assert run(folders, "uncond", tmp_path / "u", "--n", "2", "--temperature", "0.8") == 0
+
+
+@pytest.mark.parametrize("model,extra,message", [
+    ("class", ("--class", "10"), "out of range"),
+    ("class", ("--text", "hi"), "class-conditional"),
+    ("class", (), "--class ID"),
+    ("text", ("--class", "1"), "--text"),
+    ("uncond", ("--class", "1"), "unconditional"),
+    ("uncond", ("--cfg-scale", "2"), "null condition"),
+    ("class", ("--class", "1", "--top-k", "1,2"), "code depths"),
+    ("class", ("--class", "1", "--top-k", "x"), "--top-k"),
+])
+def test_user_errors(folders, tmp_path, capsys, model, extra, message):
+    assert run(folders, model, tmp_path / "e", "--n", "1", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_mismatched_vae_is_refused(folders, tmp_path, capsys):
+    code = main(["sample", "--model", str(folders / "class"), "--vae", str(folders / "other_vae"),
+                 "-o", str(tmp_path), "--class", "1", "--n", "1"])
+    assert code == 2 and "codebook differs" in capsys.readouterr().err
