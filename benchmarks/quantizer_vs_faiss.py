@@ -108,7 +108,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 
-    rows = []
+    rows, checks = [], []
     start = time.perf_counter()
     for name, make in (("Gaussian N(0, I)", gaussian), ("Fashion-MNIST 8x8 patches", fmnist_patches)):
         xt, xv = make(args.n_train, args.n_test, np.random.default_rng(0))
@@ -121,6 +121,17 @@ def main() -> None:
                         f"{f['rate']:,.0f} | {o['rate']:,.0f} | {o['rate'] / f['rate']:.2f}x | "
                         f"{f['train_s']:.1f} / {o['train_s']:.1f} |")
             print(rows[-1], flush=True)
+            if beam == 1:
+                ok = o["mse"] <= 1.02 * f["mse"]
+                checks.append(f"{name}: greedy MSE within 2% of faiss ({rel:+.2f}%): "
+                              f"{'met' if ok else 'MISSED'}")
+            else:
+                ok = o["mse"] <= f["mse"]
+                checks.append(f"{name}: beam-8 MSE no worse than faiss ({rel:+.2f}%): "
+                              f"{'met' if ok else 'MISSED'}")
+            ok = o["rate"] >= f["rate"]
+            checks.append(f"{name}: beam-{beam} encode throughput at least faiss's "
+                          f"({o['rate'] / f['rate']:.2f}x): {'met' if ok else 'MISSED'}")
             if args.shared:
                 s = run_ours(xt, xv, beam, shared=True)
                 s["rate"] = best_rates([s["encode"]], len(xv), args.repeats)[0]
@@ -147,6 +158,10 @@ def main() -> None:
         "train s (faiss / ours) |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "Targets (computed from this run):",
+        "",
+        *[f"- {c}" for c in checks],
         "",
     ])
     print()
