@@ -76,7 +76,7 @@ def test_lpips_loads_torchvision_and_lpips_keys(tmp_path):
     assert torch.equal(m.lins[4].model[1].weight, heads["lin4.model.1.weight"])
     assert not any(p.requires_grad for p in m.parameters())
     torch.manual_seed(1)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
     y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
     assert torch.allclose(m(x, x), torch.zeros(2), atol=1e-6)  # identical images: distance 0
     d = m(x, y)
