@@ -167,9 +167,11 @@ class ResidualQuantizer(nn.Module):
     def embed(self, codes: Tensor) -> Tensor:
         """(..., d) int codes -> (..., d, dim) float32 code embeddings ``e(k_1), ..., e(k_d)``."""
         self._check_codes(codes)
-        codes = codes.long()
-        d = codes.shape[-1]
-        books = self.book_of_depth[:d].expand_as(codes)  # (..., d)
+        return self._embed(codes.long())
+
+    def _embed(self, codes: Tensor) -> Tensor:
+        """``embed`` without the range check (which synchronises a GPU), for codes made here."""
+        books = self.book_of_depth[:codes.shape[-1]].expand_as(codes)  # (..., d)
         return self.codebook[books, codes].float()  # (..., d, dim)
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -269,7 +271,7 @@ class ResidualQuantizer(nn.Module):
         with _float32(z.device):
             x = z.reshape(-1, self.dim).float()  # (N, dim), keeps the graph to z
             codes = self._greedy(x.detach())  # (N, D)
-            partial = self.embed(codes).cumsum(dim=1)  # (N, D, dim) Z_hat^(1..D), no gradient
+            partial = self._embed(codes).cumsum(dim=1)  # (N, D, dim) Z_hat^(1..D), no gradient
             # Eq. 7: || Z - sg[Z_hat^(d)] ||^2 per depth, as a per-element mean.
             per_depth = ((x[:, None, :] - partial) ** 2).mean(dim=(0, 2)) if x.shape[0] else \
                 x.new_zeros(self.depth)  # (D,)
@@ -459,7 +461,7 @@ class ResidualQuantizer(nn.Module):
                 self.codebook[0] = book
                 for _ in range(kmeans_iters):
                     codes = self._greedy(train)
-                    partial = self.embed(codes).cumsum(dim=1)
+                    partial = self._embed(codes).cumsum(dim=1)
                     res = (train[:, None] - F.pad(partial[:, :-1], (0, 0, 1, 0))).reshape(-1, self.dim)
                     counts = torch.bincount(codes.reshape(-1), minlength=K).float()
                     sums = torch.zeros(K, self.dim, device=x.device).index_add_(0, codes.reshape(-1), res)
