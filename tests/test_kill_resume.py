@@ -25,7 +25,7 @@ ARGS = ["--preset", "tiny", "--model-config", '{"ch": 16, "codebook_size": 32}',
         "--warmup-steps", "2", "--ema", "0.9", "--log-every", "1", "--checkpoint-every", "2",
         "--sample-every", "0", "--no-progress", "--no-tensorboard", "--device", "cpu", "--resume"]
 # The child slows every fsync down, so that saves take long enough to be killed in the middle.
-CHILD = ("import os, sys, time; _f = os.fsync; os.fsync = lambda fd: (time.sleep(0.1), _f(fd))[1]; "
+CHILD = ("import os, sys, time; _f = os.fsync; os.fsync = lambda fd: (time.sleep(0.03), _f(fd))[1]; "
          "from rqvae.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
@@ -74,6 +74,7 @@ def _run_until(args, condition, timeout=60.0):
             p.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_then_resume_is_bitwise_identical(tmp_path):
     data = tmp_path / "imgs"
     write_pngs(data)
