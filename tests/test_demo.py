@@ -1,0 +1,58 @@
+"""The demo pipeline end to end on a few hundred tiny images (tiny models, few steps)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rqvae.demo import DemoConfig, run_demo
+
+
+def _image_folder(root, n_per_class=40, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True)
+        for i in range(n_per_class):
+            img = np.zeros((32, 32), np.uint8)
+            x0 = 4 + 8 * c
+            img[6:26, x0:x0 + 8] = 200 + rng.integers(0, 40)  # a bar whose place tells the class
+            img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_reuse(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"), data=str(data), image_size=32, channels=1,
+        vae_preset="tiny", vae_steps=6, vae_batch_size=16,
+        ar_preset="tiny", ar_steps=6, ar_batch_size=16, classifier_steps=10, classifier_width=8,
+        classifier_batch_size=16,
+        samples_per_class=2, eval_samples=12, fid_ref_count=24, fig5_images=3, progress=False,
+    )
+    results = run_demo(cfg)
+    out = tmp_path / "demo"
+    for name in ("report.html", "report.json", "samples_per_class.png", "coarse_to_fine.png",
+                 "loss_curves.png", "vae/model/model.safetensors", "ar/model/model.safetensors",
+                 "classifier/model.safetensors"):
+        assert (out / name).is_file(), name
+    m = results["metrics"]
+    fid_key = next(k for k in m if k.startswith("FID"))
+    assert np.isfinite(m[fid_key]) and m[fid_key] >= 0
+    assert 0.0 <= m["classifier accuracy on generated images"] <= 1.0
+    assert len(results["psnr_per_depth"]) == 4
+    # the sample grid has one row per class
+    grid = Image.open(out / "samples_per_class.png")
+    assert grid.size[1] > grid.size[0] * 1.2  # 3 rows x 2 columns
+    assert "samples_per_class.png" in (out / "report.html").read_text()
+    assert json.loads((out / "report.json").read_text())["metrics"][fid_key] == pytest.approx(m[fid_key])
+
+    # a second run reuses every trained model
+    capsys.readouterr()
+    run_demo(cfg)
+    text = capsys.readouterr().out
+    assert "reusing the RQ-VAE" in text and "reusing the RQ-Transformer" in text
+    assert "reusing the classifier" in text
