@@ -386,16 +386,14 @@ class RQTransformer(PretrainedMixin, nn.Module):
         fw = _FastWeights(self, dt)
         nh, hd = c.n_heads, c.width // c.n_heads
 
-        # static caches: (Bx, heads, slots, head_dim) per layer
-        s_k = torch.zeros(len(fw.spatial), Bx, nh, L + T - 1, hd, dtype=dt, device=device)
-        s_v = torch.zeros_like(s_k)
-        d_k = torch.zeros(len(fw.depth), Bx, nh, D, hd, dtype=dt, device=device)
-        d_v = torch.zeros_like(d_k)
+        # static caches: keys and values (2, Bx, heads, slots, head_dim) per layer
+        s_kv = torch.zeros(len(fw.spatial), 2, Bx, nh, L + T - 1, hd, dtype=dt, device=device)
+        d_kv = torch.zeros(len(fw.depth), 2, Bx, nh, D, hd, dtype=dt, device=device)
         out = torch.empty(B, T, D, dtype=torch.long, device=device)
 
         x = self.cond_emb(cond) + self.pos_cond  # (Bx, L, C) prefill of the condition tokens
         for i, blk in enumerate(fw.spatial):
-            x = _block_step(x, blk, s_k[i], s_v[i], 0, nh)
+            x = _block_step(x, blk, s_kv[i], 0, nh)
         h = x[:, -1]  # (Bx, C)
         for t in range(T):
             img_in = fw.input_bias * D + self.pos_spatial[t]  # (C,) + the D code rows added below
@@ -404,7 +402,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
             for d in range(D):
                 y = v[:, None]  # (Bx, 1, C)
                 for i, blk in enumerate(fw.depth):
-                    y = _block_step(y, blk, d_k[i], d_v[i], d, nh)
+                    y = _block_step(y, blk, d_kv[i], d, nh)
                 logits = F.linear(F.layer_norm(y[:, 0], (c.width,), fw.head_ln_w, fw.head_ln_b).to(dt),
                                   fw.head_w, fw.head_b).float()  # (Bx, K)
                 if guided:
@@ -421,7 +419,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
             if t + 1 < T:
                 x = img_in[:, None]  # (Bx, 1, C) the image slot L + t
                 for i, blk in enumerate(fw.spatial):
-                    x = _block_step(x, blk, s_k[i], s_v[i], L + t, nh)
+                    x = _block_step(x, blk, s_kv[i], L + t, nh)
                 h = x[:, 0]
         return out.view(B, H, W, D)
 
@@ -466,21 +464,21 @@ class _FastWeights:
         self.head_w, self.head_b = model.head.linear.weight.to(dt), model.head.linear.bias.to(dt)
 
 
-def _block_step(x: torch.Tensor, w: _BlockWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                start: int, n_heads: int) -> torch.Tensor:
+def _block_step(x: torch.Tensor, w: _BlockWeights, kv_cache: torch.Tensor, start: int,
+                n_heads: int) -> torch.Tensor:
     """One pre-LN block on new tokens x (B, n, C) at cache slots start..start+n-1 (fp32 residual stream).
 
     With n > 1 (the prefill, start 0) the new tokens attend causally among themselves.
     """
     B, n, C = x.shape
-    dt = k_cache.dtype
+    dt = kv_cache.dtype  # kv_cache (2, B, h, slots, hd)
     hid = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b).to(dt)
     qkv = F.linear(hid, w.qkv_w, w.qkv_b).view(B, n, 3, n_heads, -1)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, n, hd)
+    qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, n, hd)
     end = start + n
-    k_cache[:, :, start:end] = k
-    v_cache[:, :, start:end] = v
-    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=n > 1)
+    kv_cache[:, :, :, start:end] = qkv[1:]
+    y = F.scaled_dot_product_attention(qkv[0], kv_cache[0, :, :, :end], kv_cache[1, :, :, :end],
+                                       is_causal=n > 1)
     x = x + F.linear(y.transpose(1, 2).reshape(B, n, C), w.proj_w, w.proj_b).float()
     hid = F.layer_norm(x, (C,), w.ln2_w, w.ln2_b).to(dt)
     return x + F.linear(F.gelu(F.linear(hid, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b).float()
