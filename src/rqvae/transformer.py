@@ -403,8 +403,8 @@ class RQTransformer(PretrainedMixin, nn.Module):
                 y = v[:, None]  # (Bx, 1, C)
                 for i, blk in enumerate(fw.depth):
                     y = _block_step(y, blk, d_kv[i], d, nh)
-                logits = F.linear(F.layer_norm(y[:, 0], (c.width,), fw.head_ln_w, fw.head_ln_b).to(dt),
-                                  fw.head_w, fw.head_b).float()  # (Bx, K)
+                hid = F.layer_norm(y[:, 0], (c.width,), fw.head_ln_w, fw.head_ln_b).to(dt)
+                logits = torch.addmm(fw.head_b, hid, fw.head_wt).float()  # (Bx, K)
                 if guided:
                     lc, lu = logits[:B], logits[B:]
                     logits = lu + cfg_scale * (lc - lu)
@@ -428,31 +428,34 @@ class RQTransformer(PretrainedMixin, nn.Module):
 class _BlockWeights:
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv_w: torch.Tensor  # (3C, C) query, key, value stacked
+    qkv_wt: torch.Tensor  # (C, 3C) query, key, value stacked, transposed for addmm
     qkv_b: torch.Tensor
-    proj_w: torch.Tensor
+    proj_wt: torch.Tensor  # (C, C)
     proj_b: torch.Tensor
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    fc1_w: torch.Tensor
+    fc1_wt: torch.Tensor  # (C, 4C)
     fc1_b: torch.Tensor
-    fc2_w: torch.Tensor
+    fc2_wt: torch.Tensor  # (4C, C)
     fc2_b: torch.Tensor
 
 
 class _FastWeights:
-    """Weights packed once per ``generate`` call: fused QKV, matmul weights in the compute dtype, and the
-    codebook projected through input_mlp / head_mlp as lookup tables (K, C)."""
+    """Weights packed once per ``generate`` call: fused QKV, matmul weights transposed (x @ W^T as one
+    addmm on contiguous (in, out) weights) in the compute dtype, and the codebook projected through
+    input_mlp / head_mlp as lookup tables (K, C)."""
 
     def __init__(self, model: RQTransformer, dt: torch.dtype) -> None:
+        tr = lambda w: w.t().to(dt).contiguous()  # (out, in) -> (in, out)
+
         def pack(b: Block) -> _BlockWeights:
             a = b.attn
             return _BlockWeights(
                 b.ln1.weight, b.ln1.bias,
-                torch.cat([a.query.weight, a.key.weight, a.value.weight]).to(dt),
+                tr(torch.cat([a.query.weight, a.key.weight, a.value.weight])),
                 torch.cat([a.query.bias, a.key.bias, a.value.bias]).to(dt),
-                a.proj.weight.to(dt), a.proj.bias.to(dt), b.ln2.weight, b.ln2.bias,
-                b.mlp[0].weight.to(dt), b.mlp[0].bias.to(dt), b.mlp[2].weight.to(dt), b.mlp[2].bias.to(dt))
+                tr(a.proj.weight), a.proj.bias.to(dt), b.ln2.weight, b.ln2.bias,
+                tr(b.mlp[0].weight), b.mlp[0].bias.to(dt), tr(b.mlp[2].weight), b.mlp[2].bias.to(dt))
 
         self.spatial = [pack(b) for b in model.spatial_blocks]
         self.depth = [pack(b) for b in model.depth_blocks]
@@ -461,7 +464,7 @@ class _FastWeights:
         self.head_table = model.codebook @ model.head_mlp.weight.t()  # (K, C) fp32
         self.head_bias = model.head_mlp.bias
         self.head_ln_w, self.head_ln_b = model.head.ln.weight, model.head.ln.bias
-        self.head_w, self.head_b = model.head.linear.weight.to(dt), model.head.linear.bias.to(dt)
+        self.head_wt, self.head_b = tr(model.head.linear.weight), model.head.linear.bias.to(dt)
 
 
 def _block_step(x: torch.Tensor, w: _BlockWeights, kv_cache: torch.Tensor, start: int,
@@ -472,16 +475,18 @@ def _block_step(x: torch.Tensor, w: _BlockWeights, kv_cache: torch.Tensor, start
     """
     B, n, C = x.shape
     dt = kv_cache.dtype  # kv_cache (2, B, h, slots, hd)
+    x = x.reshape(B * n, C)
     hid = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b).to(dt)
-    qkv = F.linear(hid, w.qkv_w, w.qkv_b).view(B, n, 3, n_heads, -1)
+    qkv = torch.addmm(w.qkv_b, hid, w.qkv_wt).view(B, n, 3, n_heads, -1)
     qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, n, hd)
     end = start + n
     kv_cache[:, :, :, start:end] = qkv[1:]
     y = F.scaled_dot_product_attention(qkv[0], kv_cache[0, :, :, :end], kv_cache[1, :, :, :end],
                                        is_causal=n > 1)
-    x = x + F.linear(y.transpose(1, 2).reshape(B, n, C), w.proj_w, w.proj_b).float()
+    x = x + torch.addmm(w.proj_b, y.transpose(1, 2).reshape(B * n, C), w.proj_wt).float()
     hid = F.layer_norm(x, (C,), w.ln2_w, w.ln2_b).to(dt)
-    return x + F.linear(F.gelu(F.linear(hid, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b).float()
+    x = x + torch.addmm(w.fc2_b, F.gelu(torch.addmm(w.fc1_b, hid, w.fc1_wt)), w.fc2_wt).float()
+    return x.view(B, n, C)
 
 
 def count_sampling_flops(config: RQTransformerConfig, batch_size: int, cfg: bool = False) -> int:
