@@ -1,0 +1,163 @@
+"""Sampling speed of the RQ-Transformer on this CPU (the paper's Figure 4, scaled down).
+
+Three measurements in one run:
+
+1. Peak: a large fp32 (and bf16) matmul at the same thread count, as the roofline to compare with.
+2. The two configurations the official sampler was timed on (class-conditional 8x8x4 codes, batch 8):
+   width 256, 4 spatial + 2 depth layers, 8 heads, K 256; and width 512, 8 + 2 layers, K 2048.
+   fp32 and bf16, random weights.
+3. Figure 4: an RQ-Transformer on 8x8x4 codes against a plain (VQ) transformer on 16x16x1 codes with the
+   same parameter count (our same code with D = 1 and no depth layers), images/s at several batch sizes,
+   timed interleaved (RQ, VQ, RQ, VQ, ...) so that both see the same machine load.
+
+FLOPs are counted analytically (:func:`rqvae.transformer.count_sampling_flops`: every matmul of the
+cached sampling, 2 FLOPs per multiply-add). Wall time is the best of the repeats; on a shared machine the
+process CPU time is printed too. Writes the tables to docs/benchmarks.md under "## Sampling speed".
+
+    .venv/bin/python benchmarks/sampling_speed.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from rqvae.transformer import RQTransformer, RQTransformerConfig, count_sampling_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL = {  # seconds for 8 images, official sampler (fp32, its KV cache, 2 threads), quoted in the task
+    "w256 4+2 K256": (RQTransformerConfig((8, 8, 4), 256, 64, 256, 4, 2, 8, "class", 10), 0.60),
+    "w512 8+2 K2048": (RQTransformerConfig((8, 8, 4), 2048, 256, 512, 8, 2, 8, "class", 10), 2.2),
+}
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def build(cfg: RQTransformerConfig, seed: int = 0) -> RQTransformer:
+    torch.manual_seed(seed)
+    codebook = torch.randn(cfg.vocab_size, cfg.embed_dim)
+    return RQTransformer(replace(cfg, dropout=0.0), codebook=codebook).eval()
+
+
+def time_generate(model: RQTransformer, batch: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(wall s, process CPU s) of one generate call."""
+    cond = torch.arange(batch) % model.config.num_classes
+    g = torch.Generator().manual_seed(0)
+    w, c = time.perf_counter(), time.process_time()
+    model.generate(cond, generator=g, dtype=dtype)
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def peak_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def write_section(text: str, path: Path) -> None:
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = "## Sampling speed\n\n" + text.strip() + "\n"
+    pattern = re.compile(r"^## Sampling speed\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: section + "\n", doc).rstrip() + "\n"
+    else:
+        doc = doc.rstrip() + "\n\n" + section
+    path.write_text(doc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-sizes", default="8,32,128")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--width", type=int, default=256, help="width of the Figure 4 pair")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs (slow without AMX)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not edit docs/benchmarks.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    load_before = load()
+    lines: list[str] = []
+    out = lambda s="": (print(s), lines.append(s))
+
+    peak32 = peak_gflops(torch.float32, 2048, 3)
+    peak16 = None if args.no_bf16 else peak_gflops(torch.bfloat16, 512, 2)
+    dtypes = [torch.float32] + ([] if args.no_bf16 else [torch.bfloat16])
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    peak = {torch.float32: peak32, torch.bfloat16: peak16}
+
+    out(f"`.venv/bin/python benchmarks/sampling_speed.py --threads {args.threads} --batch-sizes "
+        f"{args.batch_sizes} --repeats {args.repeats}` (torch {torch.__version__}, {platform.machine()}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s); load average "
+        f"before: {load_before}).")
+    out()
+    out(f"Matmul peak measured in the same run: fp32 {peak32:.1f} GFLOP/s (2048^3)"
+        + ("" if peak16 is None else f", bf16 {peak16:.1f} GFLOP/s (512^3)") + ".")
+    out()
+    out("### Against the official sampler (class-conditional 8x8x4 codes, batch 8, random weights)")
+    out()
+    out("| config | params | dtype | s / 8 images (wall, best) | CPU s | official s (quoted) | speed-up | "
+        "GFLOP/s | % of peak |")
+    out("|---|---|---|---|---|---|---|---|---|")
+    for name, (cfg, official_s) in OFFICIAL.items():
+        model = build(cfg)
+        flops = count_sampling_flops(cfg, 8)
+        for dt in dtypes:
+            time_generate(model, 8, dt)  # warm-up
+            # bf16 without AMX is slow: one timed run is enough to show it
+            runs = [time_generate(model, 8, dt) for _ in range(args.repeats if dt == torch.float32 else 1)]
+            wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+            out(f"| {name} | {model.num_parameters() / 1e6:.2f}M | {names[dt]} | {wall:.3f} | {cpu:.3f} | "
+                f"{official_s:.2f} | {official_s / wall:.2f}x | {flops / wall / 1e9:.1f} | "
+                f"{100 * flops / wall / 1e9 / peak[dt]:.0f}% |")
+    out()
+
+    w = args.width
+    heads = max(1, w // 64)
+    rq_cfg = RQTransformerConfig((8, 8, 4), 1024, 64, w, 6, 2, heads, "class", 10)
+    vq_cfg = replace(rq_cfg, code_shape=(16, 16, 1), n_spatial_layers=8, n_depth_layers=0)
+    rq, vq = build(rq_cfg), build(vq_cfg)
+    out(f"### Figure 4 on this CPU: RQ-Transformer (8x8x4, 6 spatial + 2 depth layers, "
+        f"{rq.num_parameters() / 1e6:.2f}M) vs VQ transformer "
+        f"(16x16x1, 8 layers, {vq.num_parameters() / 1e6:.2f}M), width {w}, K 1024, fp32")
+    out()
+    out("| batch | RQ images/s | VQ images/s | RQ / VQ | RQ % of fp32 peak | VQ % of fp32 peak | "
+        "RQ GFLOP / image | VQ GFLOP / image |")
+    out("|---|---|---|---|---|---|---|---|")
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        time_generate(rq, b, torch.float32)
+        time_generate(vq, b, torch.float32)
+        t_rq, t_vq = [], []
+        for _ in range(args.repeats):  # interleaved
+            t_rq.append(time_generate(rq, b, torch.float32)[0])
+            t_vq.append(time_generate(vq, b, torch.float32)[0])
+        f_rq, f_vq = count_sampling_flops(rq_cfg, b), count_sampling_flops(vq_cfg, b)
+        r, v = min(t_rq), min(t_vq)
+        out(f"| {b} | {b / r:.1f} | {b / v:.1f} | {v / r:.2f}x | {100 * f_rq / r / 1e9 / peak32:.0f}% | "
+            f"{100 * f_vq / v / 1e9 / peak32:.0f}% | {f_rq / b / 1e9:.2f} | {f_vq / b / 1e9:.2f} |")
+    out()
+    out(f"Load average after: {load()}; the whole run took {time.perf_counter() - t_start:.0f} s.")
+    if not args.no_write:
+        write_section("\n".join(lines), ROOT / "docs" / "benchmarks.md")
+        print(f"\nwrote the '## Sampling speed' section of {ROOT / 'docs' / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()
