@@ -59,6 +59,7 @@ def test_default_network_file_and_features(net):
     assert torch.allclose(net(g), net(g.expand(-1, 3, -1, -1)), atol=1e-5)
 
 
+@pytest.mark.slow  # FID's eigvals of a 2048x2048 product take ~20 s on one CPU core
 def test_fid_self_is_zero_and_grows_with_noise(net):
     x = smooth_images(10, seed=0)
     ref = metrics.compute_stats([x], net)
@@ -148,6 +149,7 @@ def _tiny_vae(tmp_path):
     return vae, path
 
 
+@pytest.mark.slow  # FID's eigvals of a 2048x2048 product take ~20 s on one CPU core
 def test_evaluate_tokenizer_rfid_recon_and_cache(net, tmp_path):
     vae, _ = _tiny_vae(tmp_path)
     data = tmp_path / "val"
@@ -172,6 +174,7 @@ def test_evaluate_tokenizer_rfid_recon_and_cache(net, tmp_path):
         metrics.evaluate_tokenizer(vae, str(data), depths=[5], rfid=False)
 
 
+@pytest.mark.slow  # FID's eigvals of a 2048x2048 product take ~20 s on one CPU core
 def test_cli_eval_fid_and_recon(net, tmp_path, capsys):
     gen, ref = tmp_path / "gen", tmp_path / "ref"
     write_pngs(gen, smooth_images(4, seed=6))
