@@ -209,3 +209,30 @@ def test_cli_eval_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_eval_accuracy_and_classifier_score(tmp_path, capsys):
+    torch.manual_seed(0)
+    clf = Classifier(ClassifierConfig(in_channels=1, num_classes=3, width=4, image_size=16,
+                                      class_names=("a", "b", "c")))
+    clf.save_pretrained(tmp_path / "clf")
+    gen = tmp_path / "gen"
+    for i, name in enumerate(("0", "b", "2")):  # class ids or class names
+        write_pngs(gen / name, smooth_images(4, seed=10 + i, size=16, channels=1))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--accuracy", str(gen), "--is", str(gen), "--classifier", str(tmp_path / "clf"),
+                 "--is-splits", "2", "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())["classifier"]
+    assert res["num_samples"] == 12 and 0.0 <= res["accuracy"] <= 1.0
+    # the accuracy is that of the classifier's predictions against the folder classes
+    imgs = torch.stack([torch.from_numpy(np.array(Image.open(p))).float() / 127.5 - 1
+                        for d in ("0", "b", "2") for p in sorted((gen / d).iterdir())])[:, None]
+    labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    from rqvae.classifier import classifier_accuracy
+
+    assert res["accuracy"] == pytest.approx(classifier_accuracy(imgs, labels, clf))
+    assert res["classifier_score"] >= 1.0
+    assert "accuracy" in capsys.readouterr().out
+    write_pngs(tmp_path / "bad" / "zebra", smooth_images(2, seed=1, size=16, channels=1))
+    assert main(["eval", "--accuracy", str(tmp_path / "bad"), "--classifier", str(tmp_path / "clf")]) == 2
+    assert "neither a class id" in capsys.readouterr().err
