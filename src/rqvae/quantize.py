@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from rqvae.errors import UserError
 
-# Elements of one (rows x codes) distance matrix; encode works on row chunks of this size, small enough
-# to stay in cache (larger chunks are slower on CPU) and to bound memory.
+# Elements of one (rows x codes) distance matrix; encode works on row chunks of this size to bound memory.
+# Measured for greedy encode on one CPU thread (d=64, K=256): 2048 to 8192 rows per chunk are equally
+# fast, 1024 rows ~12% slower (per-call overhead).
 _CHUNK_ELEMENTS = 1 << 20
 # Codes per block of the two-level argmin (_argmin_rows): the smallest width at which torch's amin over
 # the last dimension is vectorised on CPU (16 is several times slower per element).
