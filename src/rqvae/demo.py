@@ -30,6 +30,10 @@ from rqvae.errors import UserError
 
 log = logging.getLogger("rqvae.demo")
 
+# The demo's RQ-Transformer: the `fmnist-small` preset slimmed so that stage 2 trains in minutes on two
+# CPU cores in float32 (measured: ~0.85M parameters, ~2 GFLOP per training step at batch 32).
+DEMO_AR_MODEL = dict(width=128, n_spatial_layers=3, n_depth_layers=1, n_heads=4)
+
 
 @dataclass
 class DemoConfig:
@@ -39,18 +43,18 @@ class DemoConfig:
     channels: int = 1
     vae_preset: str = "fmnist32-8x8x4"
     vae_model: dict[str, Any] = field(default_factory=dict)  # RQVAEConfig overrides
-    vae_steps: int = 2000
-    vae_batch_size: int = 64
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
     ar_preset: str = "fmnist-small"
-    ar_model: dict[str, Any] = field(default_factory=dict)  # RQTransformerConfig overrides
-    ar_steps: int = 2000
-    ar_batch_size: int = 64
-    classifier_steps: int = 800
+    ar_model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_AR_MODEL))  # config overrides
+    ar_steps: int = 800
+    ar_batch_size: int = 32
+    classifier_steps: int = 300
     classifier_batch_size: int = 128
     classifier_width: int = 32
     samples_per_class: int = 10  # columns of the per-class grid
-    eval_samples: int = 1000  # generated images for FID and classifier accuracy
-    fid_ref_count: int | None = 5000  # reference images from the test split (None: all)
+    eval_samples: int = 500  # generated images for FID and classifier accuracy
+    fid_ref_count: int | None = 1000  # reference images from the test split (None: all)
     top_k: int | None = None
     top_p: float | None = None
     temperature: float = 1.0
