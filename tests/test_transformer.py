@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,6 +187,9 @@ def test_user_errors():
         model.generate(torch.tensor([0]), cfg_scale=2.0)
     with pytest.raises(UserError, match="unconditional"):
         make("uncond").generate(torch.tensor([3]))
+    with pytest.raises(UserError, match="generator"):
+        fake_cuda_generator = SimpleNamespace(device=torch.device("cuda"))  # no GPU needed to test the check
+        model.generate(torch.tensor([0]), generator=fake_cuda_generator)
     with pytest.raises(UserError, match="temperature"):
         model.generate(torch.tensor([0]), temperature=0.0)
     with pytest.raises(UserError, match="codebook"):

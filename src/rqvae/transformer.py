@@ -378,6 +378,9 @@ class RQTransformer(PretrainedMixin, nn.Module):
         for t_ in temps:
             if t_ is None or t_ <= 0:
                 raise UserError(f"temperature must be > 0, got {t_}")
+        if generator is not None and generator.device.type != device.type:
+            raise UserError(f"the generator is on {generator.device} but the model is on {device}; "
+                            f"create it with torch.Generator(device={str(device)!r})")
         guided = cfg_scale != 1.0
         if guided:
             cond = torch.cat([cond, self.null_cond(B)], dim=0)  # (2B, L): conditional, then null
