@@ -30,7 +30,7 @@ data:
 	  echo "Could not install dataset-fashion-mnist; pass --data DIR (a folder of images) to the demo instead."; \
 	else echo "No apt-get: pass --data DIR (a folder of images) to the demo instead."; fi
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
