@@ -117,7 +117,8 @@ def main() -> None:
         + ("" if peak16 is None else f", bf16 {peak16[0]:.1f} / {peak16[1]:.1f} GFLOP/s (512^3)") + ".")
     out()
     out("On a shared machine the wall time includes waiting for a core; the process CPU time does not,")
-    out("so with one thread it approximates the wall time on an idle core. Speed-ups against the official")
+    out("so with one thread it approximates the wall time on an idle core (from above: caches are shared).")
+    out("Speed-ups against the official")
     out("sampler are given both ways; '% of peak' compares GFLOP per CPU second with the matmul's.")
     out()
     out("### Against the official sampler (class-conditional 8x8x4 codes, batch 8, random weights)")
@@ -187,7 +188,7 @@ def main() -> None:
         f"{ratios[-1][2]:.2f}x (batch {ratios[-1][0]}) by CPU time; the paper's Figure 4 (A100, 1.4B): 4.1x "
         "at batch 100, 5.6x at batch 200. The RQ model needs "
         f"{count_sampling_flops(vq_cfg, 1) / count_sampling_flops(rq_cfg, 1):.2f}x fewer FLOPs per image "
-        "and runs more tokens per matmul in its depth steps.")
+        "and its spatial attention spans 64 instead of 256 positions.")
     out()
     out(f"Load average after: {load()}; the whole run took {time.perf_counter() - t_start:.0f} s.")
     if not args.no_write:
