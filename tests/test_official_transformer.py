@@ -85,3 +85,20 @@ def test_conversion_errors(codebook):
     broken.pop("head_mlp.bias")
     with pytest.raises(UserError, match="missing"):
         convert_official_rqtransformer(broken, arch, codebook)
+
+
+def test_cli_converts_both_stages_and_needs_vae_for_stage2(tmp_path, capsys):
+    from rqvae.cli import main
+
+    assert main(["convert-official", str(VAE), str(tmp_path / "vae")]) == 0
+    assert main(["convert-official", str(DATA / "rqtransformer_text_tiny"), str(tmp_path / "ar")]) == 2
+    assert "--vae" in capsys.readouterr().err
+    assert main(["convert-official", str(DATA / "rqtransformer_text_tiny"), str(tmp_path / "ar"),
+                 "--vae", str(tmp_path / "vae")]) == 0
+    model = RQTransformer.from_pretrained(tmp_path / "ar").eval()
+    io = load_file(str(DATA / "rqtransformer_text_tiny" / "io.safetensors"))
+    B, H, W, D = io["codes"].shape
+    with torch.no_grad():
+        logits, cond_logits = model(io["codes"], io["cond"], return_cond_logits=True)
+    torch.testing.assert_close(logits.view(B, H, W, D, -1), io["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cond_logits, io["cond_logits"], atol=1e-5, rtol=0)

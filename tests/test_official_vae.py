@@ -1,4 +1,3 @@
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -141,11 +140,3 @@ def test_prefers_ema_weights(tmp_path):
     raw, _ = load_official(src, weights="raw")
     assert torch.equal(raw["quant_conv.bias"], ckpt["state_dict"]["quant_conv.bias"])
 
-
-def test_transformer_branch_without_its_converter(tmp_path, monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "rqvae.official_transformer" else real(name, *a))
-    src = Path(__file__).parent / "data" / "official" / "rqtransformer_class_tiny"
-    assert main(["convert-official", str(src), str(tmp_path / "out")]) == 2
-    assert "needs rqvae.official_transformer" in capsys.readouterr().err

@@ -13,7 +13,6 @@ with a shared codebook all depths hold the same tensors.  They become our quanti
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -176,19 +175,24 @@ def convert_official_rqvae(state_dict: dict[str, torch.Tensor], arch: dict[str, 
     return model.eval()
 
 
-def convert_official(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, weights: str = "auto") -> Path:
-    """Convert an official checkpoint folder (RQ-VAE or RQ-Transformer) into our format in ``dst_dir``."""
+def convert_official(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, weights: str = "auto",
+                     vae_dir: str | os.PathLike | None = None) -> Path:
+    """Convert an official checkpoint folder (RQ-VAE or RQ-Transformer) into our format in ``dst_dir``.
+
+    An RQ-Transformer embeds codes with its RQ-VAE's codebook, which the official checkpoint does not
+    hold: ``vae_dir`` names that RQ-VAE (our converted folder or the official one).
+    """
     state, arch = load_official(src_dir, weights)
     kind = arch.get("type")
     if kind == "rq-vae":
         model = convert_official_rqvae(state, arch)
     elif kind == "rq-transformer":
-        if importlib.util.find_spec("rqvae.official_transformer") is None:
-            raise UserError("converting rq-transformer checkpoints needs rqvae.official_transformer, "
-                            "which this installation lacks; update rqvae")
-        from rqvae.official_transformer import convert_official_rqtransformer
+        if vae_dir is None:
+            raise UserError(f"{src_dir} is an RQ-Transformer: pass --vae DIR, its RQ-VAE (official or "
+                            "converted), whose codebook embeds the codes")
+        from rqvae.official_transformer import convert_official_rqtransformer, load_codebook
 
-        model = convert_official_rqtransformer(state, arch)
+        model = convert_official_rqtransformer(state, arch, load_codebook(vae_dir))
     else:
         raise UserError(f"arch.type {kind!r} is not supported; expected 'rq-vae' or 'rq-transformer'")
     return model.save_pretrained(dst_dir)

@@ -16,11 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", metavar="DST_DIR", help="output model folder")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
                         help="auto: the EMA weights when the checkpoint has them; ema / raw: force one")
+    parser.add_argument("--vae", metavar="VAE_DIR", default=None,
+                        help="for an RQ-Transformer: its RQ-VAE folder (official or converted), whose "
+                             "codebook embeds the codes")
 
 
 def run(args: argparse.Namespace) -> int:
     from rqvae.official import convert_official
 
-    out = convert_official(args.src, args.dst, weights=args.weights)
+    out = convert_official(args.src, args.dst, weights=args.weights, vae_dir=args.vae)
     print(f"wrote {out}")
     return 0
