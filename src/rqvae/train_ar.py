@@ -416,6 +416,7 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
                 step += 1
                 sched.step()
                 continue
+            lr_used = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             step += 1
@@ -428,7 +429,7 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
             if step % cfg.log_every == 0 or step == end:
                 now = time.perf_counter()
                 values = dist.all_reduce_mean({k: v / n_logged for k, v in sums.items()})
-                values["lr"] = opt.param_groups[0]["lr"]
+                values["lr"] = lr_used
                 values["perf/images_per_s"] = n_logged * cfg.batch_size * info.world_size / (now - t_last)
                 logger.scalars(step, values)
                 sums, n_logged, t_last = {}, 0, now
