@@ -47,9 +47,28 @@ def _load(path: Path) -> dict:
 
 
 def _save(path: Path, results: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    """Merge into the file (several worker processes may share one output folder), atomically."""
+    merged = _load(path)
+    for key, value in results.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    results.update(merged)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _claim(folder: Path) -> bool:
+    """Take a piece of work for this process (False if another worker has it): ``--workers N`` runs N
+    processes over the same output folder, each with one thread, to use every core."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def train_tokenizer(name: str, overrides: dict, args: argparse.Namespace, out: Path):
@@ -85,6 +104,8 @@ def table4(args: argparse.Namespace, out: Path, results: dict, net) -> None:
     for name, (overrides, label) in TOKENIZERS.items():
         if name in rows:
             print(f"[table 4] {label}: done before ({rows[name]['rfid']:.2f} rFID)")
+            continue
+        if not _claim(out / "vae" / name):
             continue
         t = time.time()
         vae = train_tokenizer(name, overrides, args, out).eval()
@@ -130,14 +151,7 @@ def figure5(out: Path, docs_img: Path, args: argparse.Namespace) -> Path:
 
 
 def table2(args: argparse.Namespace, out: Path, results: dict, net) -> None:
-    from rqvae.classifier import (
-        Classifier,
-        ClassifierConfig,
-        classifier_accuracy,
-        evaluate_dataset,
-        train_classifier,
-    )
-    from rqvae.data import build_image_dataset
+    from rqvae.classifier import Classifier, classifier_accuracy
     from rqvae.demo import DEMO_AR_MODEL, DemoConfig, generate_images
     from rqvae.metrics import fid
     from rqvae.train_ar import TrainARConfig, train_ar
@@ -147,26 +161,14 @@ def table2(args: argparse.Namespace, out: Path, results: dict, net) -> None:
     rows = results.setdefault("table2", {})
     vae_dir = out / "vae" / "rq-8x8x4-K256" / "model"
     vae = RQVAE.from_pretrained(vae_dir).eval()
-    clf_dir = out / "classifier"
-    if (clf_dir / "config.json").is_file():
-        clf = Classifier.from_pretrained(clf_dir)
-    else:
-        train = build_image_dataset(args.data, 32, 1, split="train", augment=True)
-        torch.manual_seed(args.seed)
-        clf = Classifier(
-            ClassifierConfig(
-                in_channels=1, num_classes=train.num_classes, class_names=tuple(train.class_names)
-            )
-        )
-        train_classifier(clf, train, steps=args.classifier_steps, seed=args.seed, progress=args.progress)
-        clf.save_pretrained(clf_dir)
-    clf.eval()
-    results["classifier_test_accuracy"] = evaluate_dataset(clf, build_image_dataset(args.data, 32, 1, "test"))
+    clf = Classifier.from_pretrained(out / "classifier").eval()
     for name, switches in ABLATION.items():
         if name in rows:
             print(f"[table 2] {name}: done before (FID {rows[name]['fid']:.2f})")
             continue
         run = out / "ar" / name
+        if not _claim(run):
+            continue
         t = time.time()
         if (run / "model" / "config.json").is_file():
             ar = RQTransformer.from_pretrained(run / "model")
@@ -214,6 +216,30 @@ def table2(args: argparse.Namespace, out: Path, results: dict, net) -> None:
         }
         _save(out / "results.json", results)
         print(f"[table 2] {name}: FID {res['fid']:.2f}, accuracy {rows[name]['accuracy']:.3f}")
+
+
+def classifier(args: argparse.Namespace, out: Path, results: dict) -> None:
+    """The in-domain classifier that scores Table 2's samples (trained once, reused)."""
+    from rqvae.classifier import Classifier, ClassifierConfig, evaluate_dataset, train_classifier
+    from rqvae.data import build_image_dataset
+
+    clf_dir = out / "classifier"
+    if (clf_dir / "config.json").is_file():
+        clf = Classifier.from_pretrained(clf_dir)
+    else:
+        train = build_image_dataset(args.data, 32, 1, split="train", augment=True)
+        torch.manual_seed(args.seed)
+        clf = Classifier(
+            ClassifierConfig(
+                in_channels=1, num_classes=train.num_classes, class_names=tuple(train.class_names)
+            )
+        )
+        train_classifier(clf, train, steps=args.classifier_steps, seed=args.seed, progress=args.progress)
+        clf.save_pretrained(clf_dir)
+    results["classifier_test_accuracy"] = evaluate_dataset(
+        clf.eval(), build_image_dataset(args.data, 32, 1, "test")
+    )
+    _save(out / "results.json", results)
 
 
 def plot_table4(rows: dict, path: Path) -> Path:
@@ -336,6 +362,8 @@ def main() -> None:
     p.add_argument("--only", choices=("table4", "table2", "all"), default="all")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     from rqvae.metrics import InceptionFeatures
@@ -348,17 +376,38 @@ def main() -> None:
         f"--vae-steps {args.vae_steps} --ar-steps {args.ar_steps} --batch-size "
         f"{args.batch_size} --eval-images {args.eval_images} --samples {args.samples}"
     )
-    net = InceptionFeatures()
+    if args.worker:  # one of --workers processes: take unclaimed pieces of one phase, then exit
+        net = InceptionFeatures()
+        (table4 if args.only == "table4" else table2)(args, out, results, net)
+        return
     if args.only in ("table4", "all"):
-        table4(args, out, results, net)
+        run_workers("table4", args, out)
+        results = _load(out / "results.json")
         plot_table4(results["table4"], docs / "img" / "paper_claims_table4.png")
         figure5(out, docs / "img", args)
     if args.only in ("table2", "all"):
-        table2(args, out, results, net)
+        classifier(args, out, results)
+        run_workers("table2", args, out)
+        results = _load(out / "results.json")
     results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     _save(out / "results.json", results)
     write_markdown(results, args, docs / "results.md")
     print((docs / "results.md").read_text())
+
+
+def run_workers(phase: str, args: argparse.Namespace, out: Path) -> None:
+    """Run ``phase`` in ``args.workers`` processes of one torch thread each (they claim pieces of work)."""
+    import subprocess
+    import sys
+
+    for stale in out.glob("*/*/claimed"):  # claims of an earlier, interrupted run
+        stale.unlink()
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--only", phase, "--worker"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a {phase} worker failed (exit codes {codes})")
 
 
 if __name__ == "__main__":
