@@ -16,8 +16,12 @@ _EXPORTS = {
     "QuantizerOutput": "rqvae.quantize",
     "RQVAE": "rqvae.vae",
     "RQVAEConfig": "rqvae.vae",
+    "RQVAEOutput": "rqvae.vae",
+    "VAE_PRESETS": "rqvae.vae",
     "RQTransformer": "rqvae.transformer",
     "RQTransformerConfig": "rqvae.transformer",
+    "AR_PRESETS": "rqvae.transformer",
+    "Classifier": "rqvae.classifier",
     "UserError": "rqvae.errors",
 }
 
