@@ -56,9 +56,10 @@ def test_class_samples_pngs_grid_and_seed(folders, tmp_path, capsys):
             "--cfg-scale", "1.5", "--seed", "7")
     assert run(folders, "class", tmp_path / "a", *args) == 0
     assert run(folders, "class", tmp_path / "b", *args) == 0
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == [f"{i:06d}.png" for i in range(3)] + ["grid.png"]
-    assert Image.open(tmp_path / "a" / "000000.png").size == (16, 16)
+    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*.png"))
+    # one sub-folder per class (classes cycle 1, 3, 1), the layout `rqvae eval --accuracy` reads
+    assert files == ["grid.png", "images/1/000000.png", "images/1/000002.png", "images/3/000001.png"]
+    assert Image.open(tmp_path / "a" / "images" / "1" / "000000.png").size == (16, 16)
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert "images/s" in capsys.readouterr().out
@@ -68,7 +69,7 @@ def test_class_samples_pngs_grid_and_seed(folders, tmp_path, capsys):
 
 def test_text_and_uncond_models(folders, tmp_path):
     assert run(folders, "text", tmp_path / "t", "--text", "a red dress", "--n", "2") == 0
-    assert len(list((tmp_path / "t").glob("*.png"))) == 3
+    assert len(list((tmp_path / "t" / "images").glob("*.png"))) == 2
     assert run(folders, "uncond", tmp_path / "u", "--n", "2", "--temperature", "0.8") == 0
 
 
@@ -91,3 +92,19 @@ def test_mismatched_vae_is_refused(folders, tmp_path, capsys):
     code = main(["sample", "--model", str(folders / "class"), "--vae", str(folders / "other_vae"),
                  "-o", str(tmp_path), "--class", "1", "--n", "1"])
     assert code == 2 and "codebook differs" in capsys.readouterr().err
+
+
+def test_class_samples_feed_eval_accuracy(folders, tmp_path, capsys):
+    """`rqvae sample` writes the layout that `rqvae eval --accuracy` reads (a sub-folder per class)."""
+    from rqvae.classifier import Classifier, ClassifierConfig
+
+    assert run(folders, "class", tmp_path / "s", "--class", "0", "1", "2", "--n", "6") == 0
+    Classifier(ClassifierConfig(in_channels=3, num_classes=10, width=4, image_size=16)).save_pretrained(
+        tmp_path / "clf")
+    capsys.readouterr()
+    assert main(["eval", "--accuracy", str(tmp_path / "s" / "images"), "--classifier", str(tmp_path / "clf"),
+                 "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    import json
+
+    res = json.loads((tmp_path / "r.json").read_text())["classifier"]
+    assert res["num_samples"] == 6 and 0.0 <= res["accuracy"] <= 1.0

@@ -3,7 +3,9 @@
     rqvae sample --model AR_DIR --vae VAE_DIR --class 3 --n 64 -o out/
     rqvae sample --model AR_DIR --vae VAE_DIR --text "a red dress" --n 16 -o out/ --top-p 0.9
 
-Writes ``out/000000.png``, ... and ``out/grid.png``. ``--top-k``, ``--top-p`` and ``--temperature`` take
+Writes ``out/grid.png`` and each sample as ``out/images/000000.png``, ...; for class-conditional models in
+one sub-folder per class, ``out/images/<class id>/000000.png``, the layout ``rqvae eval --accuracy`` reads
+(``rqvae eval --fid out/images`` scores them). ``--top-k``, ``--top-p`` and ``--temperature`` take
 one value or one per code depth (comma separated, e.g. ``--top-k 0,64,64,64``; 0 = off).
 ``--cfg-scale`` > 1 uses classifier-free guidance (models trained with cfg_dropout).
 """
@@ -147,10 +149,13 @@ def run(args: argparse.Namespace) -> int:
             images.append(vae.decode(codes).float().clamp(-1, 1).cpu())  # (b, C, H, W)
     seconds = time.perf_counter() - t0
     images_t = torch.cat(images)
+    per_class = model.config.cond_type == "class"
     for i, im in enumerate(images_t):
-        save_image(im, out / f"{i:06d}.png")
+        folder = out / "images" / (str(int(cond[i])) if per_class else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(im, folder / f"{i:06d}.png")
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     save_image(make_grid(images_t, nrow=nrow), out / "grid.png")
     print(f"sampled {args.n} images ({model.config.code_shape} codes, depth {D}) in {seconds:.2f} s "
-          f"({args.n / seconds:.1f} images/s) -> {out}/ (grid.png)")
+          f"({args.n / seconds:.1f} images/s) -> {out}/images/ and {out}/grid.png")
     return 0
