@@ -34,15 +34,6 @@ def toy_set(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tens
     return x, labels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny convolutions on a shared, oversubscribed CPU run faster that way."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained() -> Classifier:
     torch.manual_seed(0)

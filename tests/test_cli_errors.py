@@ -15,14 +15,6 @@ from rqvae.errors import UserError
 from rqvae.vae import RQVAE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     torch.manual_seed(0)

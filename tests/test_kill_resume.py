@@ -29,14 +29,6 @@ CHILD = ("import os, sys, time; _f = os.fsync; os.fsync = lambda fd: (time.sleep
          "from rqvae.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_pngs(folder, n=16, size=16, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

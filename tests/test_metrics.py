@@ -34,15 +34,6 @@ def write_pngs(folder, images: torch.Tensor) -> None:
         Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(folder / f"{i:03d}.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this runs InceptionV3 ~3x faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def net() -> metrics.InceptionFeatures:
     return metrics.InceptionFeatures(batch_size=32)

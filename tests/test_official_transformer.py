@@ -22,15 +22,6 @@ DATA = Path(__file__).parent / "data" / "official"
 VAE = DATA / "rqvae_tiny"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def codebook() -> torch.Tensor:
     return load_codebook(VAE)  # (K, n_z), the padding row dropped

@@ -18,15 +18,6 @@ TOL64 = dict(atol=1e-5, rtol=0.0)
 TOL32 = dict(atol=3e-5, rtol=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared; one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def io():
     return load_file(str(SRC / "io.safetensors"))

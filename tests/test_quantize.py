@@ -11,15 +11,6 @@ from rqvae.errors import UserError
 from rqvae.quantize import QuantizerOutput, ResidualQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids thread hand-off overhead on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(dim=8, K=16, depth=3, shared=True, seed=0, **kw) -> ResidualQuantizer:
     torch.manual_seed(seed)
     return ResidualQuantizer(dim, K, depth, shared_codebook=shared, **kw)

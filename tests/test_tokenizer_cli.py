@@ -17,15 +17,6 @@ CFG = dict(image_size=SIZE, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks
            z_channels=8, embed_dim=8, codebook_size=16, depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared; one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("cli")

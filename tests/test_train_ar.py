@@ -19,15 +19,6 @@ from rqvae.vae import RQVAE
 N_IMAGES = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the 2 cores are shared with other test runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     torch.manual_seed(0)

@@ -18,14 +18,6 @@ from rqvae.train_vae import TrainVAEConfig, train_vae
 from rqvae.vae import RQVAE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synthetic_images(n=64, size=16, seed=0):
     """Smooth random colour waves in [-1, 1]: learnable but not trivial."""
     g = torch.Generator().manual_seed(seed)

@@ -15,15 +15,6 @@ from rqvae.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig, co
 TINY = AR_PRESETS["tiny"]  # (4, 4, 2) codes, K 16, width 32, 2 + 1 layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(cond_type: str = "class", seed: int = 0, **kw) -> RQTransformer:
     torch.manual_seed(seed)
     extra = {"text": dict(text_vocab_size=20, cond_len=3)}.get(cond_type, {})

@@ -8,15 +8,6 @@ SMALL = dict(image_size=16, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks
              z_channels=16, embed_dim=8, codebook_size=32, depth=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared; one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(one_thread):
     torch.manual_seed(0)
