@@ -24,7 +24,7 @@ def io():
 
 
 @pytest.fixture(scope="module")
-def converted(one_thread):
+def converted():
     state, arch = load_official(SRC)
     return convert_official_rqvae(state, arch)
 

@@ -18,7 +18,7 @@ CFG = dict(image_size=SIZE, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, one_thread):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     RQVAE.from_preset("tiny", **CFG).save_pretrained(root / "model")

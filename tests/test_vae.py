@@ -9,7 +9,7 @@ SMALL = dict(image_size=16, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks
 
 
 @pytest.fixture(scope="module")
-def model(one_thread):
+def model():
     torch.manual_seed(0)
     return RQVAE(RQVAEConfig(**SMALL)).eval()
 
