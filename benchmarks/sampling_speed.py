@@ -15,14 +15,22 @@ cached sampling, 2 FLOPs per multiply-add). Wall time is the best of the repeats
 process CPU time is printed too. Writes the tables to docs/benchmarks.md under "## Sampling speed".
 
     .venv/bin/python benchmarks/sampling_speed.py --threads 2
+
+``--baseline-rev REV`` also times ``generate`` of src/rqvae/transformer.py as of git revision REV on the
+official configs (fp32, same weights), interleaved with the current code, and checks that both draw the
+same samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +69,48 @@ def time_generate(model: RQTransformer, batch: int, dtype: torch.dtype) -> tuple
     return time.perf_counter() - w, time.process_time() - c
 
 
+def load_baseline(rev: str):
+    """The RQTransformer class of src/rqvae/transformer.py at git revision rev (imported from a temp file)."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/rqvae/transformer.py"],
+                         capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "baseline_transformer.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("rqvae._baseline_transformer", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.RQTransformer
+
+
+def compare_baseline(rev: str, repeats: int, out) -> None:
+    """Interleaved process CPU time of generate() now and at rev, fp32, batch 8, on the official configs."""
+    base = load_baseline(rev)
+    out(f"### Against this repo's sampler at `{rev}` (fp32, batch 8, interleaved, {repeats} runs each)")
+    out()
+    out(f"| config | CPU s at {rev} (min / median) | CPU s now (min / median) | "
+        "speed-up (min / median) | same samples |")
+    out("|---|---|---|---|---|")
+    for name, (cfg, _) in OFFICIAL.items():
+        model = build(cfg)
+        cond = torch.arange(8) % cfg.num_classes
+
+        def run(generate, model=model, cond=cond):
+            c = time.process_time()
+            codes = generate(model, cond, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+            return time.process_time() - c, codes
+
+        now_fn, old_fn = RQTransformer.generate, base.generate
+        same = torch.equal(run(now_fn)[1], run(old_fn)[1])  # also the warm-up
+        t_old, t_now = [], []
+        for _ in range(repeats):
+            t_old.append(run(old_fn)[0])
+            t_now.append(run(now_fn)[0])
+        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+        out(f"| {name} | {min(t_old):.3f} / {med(t_old):.3f} | {min(t_now):.3f} / {med(t_now):.3f} | "
+            f"{min(t_old) / min(t_now):.2f}x / {med(t_old) / med(t_now):.2f}x | {same} |")
+    out()
+
+
 def peak_gflops(dtype: torch.dtype, n: int, repeats: int) -> tuple[float, float]:
     """(GFLOP/s per wall second, per process CPU second) of an n^3 matmul, best of the repeats."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -94,6 +144,9 @@ def main() -> None:
     p.add_argument("--bf16-all", action="store_true",
                    help="time bf16 on both official configs even without AMX (the larger one takes minutes)")
     p.add_argument("--no-write", action="store_true", help="print only; do not edit docs/benchmarks.md")
+    p.add_argument("--baseline-rev", default=None,
+                   help="git revision whose generate() to time against the current one (official configs)")
+    p.add_argument("--baseline-repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -107,8 +160,12 @@ def main() -> None:
     names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     peak = {torch.float32: peak32, torch.bfloat16: peak16}
 
+    flags = " --no-bf16" if args.no_bf16 else ""
+    if args.baseline_rev:
+        flags += f" --baseline-rev {args.baseline_rev} --baseline-repeats {args.baseline_repeats}"
     out(f"`.venv/bin/python benchmarks/sampling_speed.py --threads {args.threads} --batch-sizes "
-        f"{args.batch_sizes} --repeats {args.repeats}` (torch {torch.__version__}, {platform.machine()}, "
+        f"{args.batch_sizes} --repeats {args.repeats}{flags}` (torch {torch.__version__}, "
+        f"{platform.machine()}, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s); load average "
         f"before: {load_before}).")
     out()
@@ -147,6 +204,8 @@ def main() -> None:
                 f"{official_s:.2f} | {official_s / wall:.2f}x / {official_s / cpu:.2f}x | "
                 f"{flops / cpu / 1e9:.1f} | {100 * flops / cpu / 1e9 / peak[dt][1]:.0f}% |")
     out()
+    if args.baseline_rev:
+        compare_baseline(args.baseline_rev, args.baseline_repeats, out)
 
     w = args.width
     heads = max(1, w // 64)

@@ -456,7 +456,8 @@ class _Linear:
                  gelu: bool = False) -> None:
         self.gelu = gelu
         self.onednn = (dt == torch.float32 and weight.device.type == "cpu"
-                       and weight.numel() >= self.ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available()
+                       and weight.numel() >= self.ONEDNN_MIN_WEIGHT // (2 if gelu else 1)
+                       and torch.backends.mkldnn.is_available()
                        and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
         if self.onednn:
             self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), rows)
