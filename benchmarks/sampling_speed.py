@@ -111,6 +111,32 @@ def compare_baseline(rev: str, repeats: int, out) -> None:
     out()
 
 
+def matmul_only_seconds(model: RQTransformer, batch: int, repeats: int = 3) -> float:
+    """Process CPU s of only the weight matmuls of one generate call (plain addmm, fp32, ``batch`` rows), in
+    the sampler's order: per position the spatial layers once, then D x (depth layers + output head).
+    Attention over the cache and everything else are left out, so this bounds generate() from below for
+    this matmul kernel."""
+    c = model.config
+    D, T = c.depth, c.num_positions
+
+    def mats(blocks):
+        return [(m.weight.detach().t().contiguous(), m.bias.detach()) for b in blocks
+                for m in (b.attn.query, b.attn.key, b.attn.value, b.attn.proj, b.mlp[0], b.mlp[2])]
+
+    spatial, depth = mats(model.spatial_blocks), mats(model.depth_blocks)
+    head = [(model.head.linear.weight.detach().t().contiguous(), model.head.linear.bias.detach())]
+    order = spatial + (depth + head) * D  # one position
+    xs = {w.shape[0]: torch.randn(batch, w.shape[0]) for w, _ in order}
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.process_time()
+        for _ in range(T):
+            for w, b in order:
+                torch.addmm(b, xs[w.shape[0]], w)
+        best = min(best, time.process_time() - t)
+    return best
+
+
 def peak_gflops(dtype: torch.dtype, n: int, repeats: int) -> tuple[float, float]:
     """(GFLOP/s per wall second, per process CPU second) of an n^3 matmul, best of the repeats."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -177,12 +203,15 @@ def main() -> None:
     out("so with one thread it approximates the wall time on an idle core (from above: caches are shared).")
     out("Speed-ups against the official")
     out("sampler are given both ways; '% of peak' compares GFLOP per CPU second with the matmul's.")
+    out("'matmuls alone' times just the weight matmuls of one generate call (8 rows each, the sampler's")
+    out("order, MKL addmm): at batch 8 every step streams the weights from L3 or memory for 8 rows, which")
+    out("bounds the fp32 sampler from below (see matmul_only_seconds).")
     out()
     out("### Against the official sampler (class-conditional 8x8x4 codes, batch 8, random weights)")
     out()
     out("| config | params | dtype | s / 8 images (wall, best) | CPU s | official s (quoted) | "
-        "speed-up (wall / CPU) | GFLOP per CPU s | % of peak |")
-    out("|---|---|---|---|---|---|---|---|---|")
+        "speed-up (wall / CPU) | GFLOP per CPU s | % of peak | matmuls alone, CPU s |")
+    out("|---|---|---|---|---|---|---|---|---|---|")
     vs_official: list[tuple[str, float, float]] = []  # (config, speed-up by wall, by CPU time), fp32
     for name, (cfg, official_s) in OFFICIAL.items():
         model = build(cfg)
@@ -190,7 +219,7 @@ def main() -> None:
         for dt in dtypes:
             if dt == torch.bfloat16 and name != "w256 4+2 K256" and not (cpu_has_amx() or args.bf16_all):
                 out(f"| {name} | {model.num_parameters() / 1e6:.2f}M | bf16 | skipped: no AMX (--bf16-all) "
-                    "| | | | | |")
+                    "| | | | | | |")
                 continue
             if dt == torch.float32:
                 time_generate(model, 8, dt)  # warm-up
@@ -202,7 +231,8 @@ def main() -> None:
                 vs_official.append((name, official_s / wall, official_s / cpu))
             out(f"| {name} | {model.num_parameters() / 1e6:.2f}M | {names[dt]} | {wall:.3f} | {cpu:.3f} | "
                 f"{official_s:.2f} | {official_s / wall:.2f}x / {official_s / cpu:.2f}x | "
-                f"{flops / cpu / 1e9:.1f} | {100 * flops / cpu / 1e9 / peak[dt][1]:.0f}% |")
+                f"{flops / cpu / 1e9:.1f} | {100 * flops / cpu / 1e9 / peak[dt][1]:.0f}% | "
+                + (f"{matmul_only_seconds(model, 8):.3f} |" if dt == torch.float32 else " |"))
     out()
     if args.baseline_rev:
         compare_baseline(args.baseline_rev, args.baseline_repeats, out)
