@@ -196,3 +196,38 @@ def test_flop_count_scales_with_batch_and_guidance():
     # dominated by the 12 C^2 per token and layer: 2 * 12 * C^2 * (4 * 64 + 2 * 256) plus the head
     approx = 2 * 12 * 256**2 * (4 * 64 + 2 * 64 * 4) + 2 * 256 * 256 * 64 * 4
     assert 1.0 <= one / approx < 1.1
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_cached_greedy_with_wide_layers_equals_full_forward_greedy(cfg_scale, monkeypatch):
+    """Width 512 puts the sampler's large matmuls on its packed-weight (oneDNN) fp32 path."""
+    import rqvae.transformer as tr
+
+    packed = []
+    init = tr._Linear.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        packed.append(self.onednn)
+
+    monkeypatch.setattr(tr._Linear, "__init__", spy)
+    model = make("class", width=512, n_heads=8, code_shape=(2, 2, 2), cfg_dropout=0.1)
+    with torch.no_grad():  # smaller weights keep the 512-wide logits well separated from ties
+        for p in model.parameters():
+            p.mul_(0.2)
+    H, W, D = model.config.code_shape
+    B = 2
+    cond = cond_for(model, B)
+    got = model.generate(cond, batch_size=B, top_k=1, cfg_scale=cfg_scale, dtype=torch.float32)
+    if torch.backends.mkldnn.is_available():
+        assert any(packed), "no layer took the packed-weight path"
+    codes = torch.zeros(B, H * W, D, dtype=torch.long)
+    null = model.null_cond(B)[:, 0] if cfg_scale != 1.0 else None
+    with torch.no_grad():
+        for t in range(H * W):
+            for d in range(D):
+                logits = model(codes.view(B, H, W, D), cond)[:, t, d]
+                if null is not None:
+                    logits = guide(logits, model(codes.view(B, H, W, D), null)[:, t, d], cfg_scale)
+                codes[:, t, d] = logits.argmax(-1)
+    assert torch.equal(got, codes.view(B, H, W, D))
