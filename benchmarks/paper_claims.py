@@ -60,6 +60,14 @@ def _save(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
+def _training_seconds(run: Path, measured: float) -> float:
+    """Wall time of a training run: measured now, or (for a model trained by an earlier invocation) from
+    the run folder's files: train_config.json is written at the start, metrics.jsonl last at the end."""
+    if measured > 5 or not (run / "train_config.json").is_file() or not (run / "metrics.jsonl").is_file():
+        return measured
+    return (run / "metrics.jsonl").stat().st_mtime - (run / "train_config.json").stat().st_mtime
+
+
 def _claim(folder: Path) -> bool:
     """Take a piece of work for this process (False if another worker has it): ``--workers N`` runs N
     processes over the same output folder, each with one thread, to use every core."""
@@ -104,12 +112,14 @@ def table4(args: argparse.Namespace, out: Path, results: dict, net) -> None:
     for name, (overrides, label) in TOKENIZERS.items():
         if name in rows:
             print(f"[table 4] {label}: done before ({rows[name]['rfid']:.2f} rFID)")
+            rows[name]["train_seconds"] = round(_training_seconds(out / "vae" / name,
+                                                                  rows[name]["train_seconds"]), 1)
             continue
         if not _claim(out / "vae" / name):
             continue
         t = time.time()
         vae = train_tokenizer(name, overrides, args, out).eval()
-        train_s = time.time() - t
+        train_s = _training_seconds(out / "vae" / name, time.time() - t)
         ev = evaluate_tokenizer(
             vae,
             args.data,
