@@ -147,6 +147,7 @@ def table4(args: argparse.Namespace, out: Path, results: dict, net) -> None:
         }
         _save(out / "results.json", results)
         print(f"[table 4] {label}: rFID {ev['rfid']:.2f}, PSNR {full['psnr']:.2f} dB ({train_s:.0f} s)")
+    _save(out / "results.json", results)
 
 
 def figure5(out: Path, docs_img: Path, args: argparse.Namespace) -> Path:
