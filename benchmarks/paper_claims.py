@@ -47,14 +47,21 @@ def _load(path: Path) -> dict:
 
 
 def _save(path: Path, results: dict) -> None:
-    """Merge into the file (several worker processes may share one output folder), atomically."""
+    """Merge into the file (several worker processes may share one output folder), atomically.
+
+    Other workers' rows are merged into ``results``' own dicts in place: callers hold references to
+    them (``rows = results["table4"]``), so replacing the dicts would drop rows added later."""
     merged = _load(path)
     for key, value in results.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key].update(value)
         else:
             merged[key] = value
-    results.update(merged)
+    for key, value in merged.items():
+        if isinstance(value, dict) and isinstance(results.get(key), dict):
+            results[key].update(value)
+        else:
+            results[key] = value
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(merged, indent=2) + "\n")
     os.replace(tmp, path)
