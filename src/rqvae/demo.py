@@ -43,7 +43,7 @@ class DemoConfig:
     channels: int = 1
     vae_preset: str = "fmnist32-8x8x4"
     vae_model: dict[str, Any] = field(default_factory=dict)  # RQVAEConfig overrides
-    vae_steps: int = 1000
+    vae_steps: int = 800
     vae_batch_size: int = 32
     ar_preset: str = "fmnist-small"
     ar_model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_AR_MODEL))  # config overrides
@@ -53,8 +53,8 @@ class DemoConfig:
     classifier_batch_size: int = 128
     classifier_width: int = 32
     samples_per_class: int = 10  # columns of the per-class grid
-    eval_samples: int = 500  # generated images for FID and classifier accuracy
-    fid_ref_count: int | None = 1000  # reference images from the test split (None: all)
+    eval_samples: int = 300  # generated images for FID and classifier accuracy
+    fid_ref_count: int | None = 500  # reference images from the test split (None: all)
     top_k: int | None = None
     top_p: float | None = None
     temperature: float = 1.0
@@ -178,7 +178,11 @@ def plot_loss_curves(runs: dict[str, Path], path: Path) -> Path | None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.set_yscale("symlog", linthresh=1e-2)
+        values = [v for pts in curves.values() for _, v in pts]
+        if min(values) <= 0:  # e.g. the generator's GAN loss: log scale with a linear band around 0
+            ax.set_yscale("symlog", linthresh=1e-2)
+        elif max(values) / min(values) > 20:
+            ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
