@@ -298,7 +298,8 @@ def write_markdown(results: dict, args: argparse.Namespace, path: Path) -> None:
         "",
         "## 1. Table 4 at small scale: depth vs codebook size",
         "",
-        "| tokenizer | codes per image | rFID | PSNR (dB) | SSIM | codes used | train s |",
+        "| tokenizer | codes per image | rFID | PSNR (dB) | SSIM | codes used (summed over depths) "
+        "| train s (wall, shared CPU) |",
         "|---|---|---|---|---|---|---|",
     ]
     for n in TOKENIZERS:
@@ -341,7 +342,7 @@ def write_markdown(results: dict, args: argparse.Namespace, path: Path) -> None:
         f"{results.get('classifier_test_accuracy', float('nan')):.3f}) "
         "on the samples, each judged against its intended class.",
         "",
-        "| training | FID | classifier accuracy | samples | train s |",
+        "| training | FID | classifier accuracy | samples | train s (wall, shared CPU) |",
         "|---|---|---|---|---|",
     ]
     for n in ABLATION:
