@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
+
+from rqvae.commands.common import model_config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,27 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tensorboard", action="store_true")
 
 
-def _model_overrides(value: str | None) -> dict:
-    from rqvae.errors import UserError
-
-    if value is None:
-        return {}
-    text = value
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f"--model-config {value} is neither a JSON object nor an existing file")
-        text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--model-config is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError("--model-config must be a JSON object of RQTransformerConfig fields")
-    data.pop("model_type", None)
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
     from rqvae import distributed
     from rqvae.train_ar import TrainARConfig, train_ar
@@ -89,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = TrainARConfig(
         vae=args.vae, data=args.data, run_dir=args.out, cond=args.cond, preset=args.preset,
-        model=_model_overrides(args.model_config), split=args.split, captions=args.captions,
+        model=model_config_overrides(args.model_config, "RQTransformerConfig"), split=args.split,
+        captions=args.captions,
         tokenizer=args.tokenizer, text_len=args.text_len, text_vocab_size=args.text_vocab_size,
         flip=args.flip,
         feature_cache=args.feature_cache, steps=args.steps, stop_after=args.stop_after,

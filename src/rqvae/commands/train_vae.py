@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
+
+from rqvae.commands.common import model_config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,34 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tensorboard", action="store_true")
 
 
-def _model_overrides(value: str | None) -> dict:
-    from rqvae.errors import UserError
-
-    if value is None:
-        return {}
-    text = value
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f"--model-config {value} is neither a JSON object nor an existing file")
-        text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--model-config is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError("--model-config must be a JSON object of RQVAEConfig fields")
-    data.pop("model_type", None)  # a model folder's config.json works too
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
     from rqvae import distributed
     from rqvae.train_vae import TrainVAEConfig, train_vae
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = TrainVAEConfig(
-        data=args.data, run_dir=args.out, preset=args.preset, model=_model_overrides(args.model_config),
+        data=args.data, run_dir=args.out, preset=args.preset,
+        model=model_config_overrides(args.model_config, "RQVAEConfig"),
         image_size=args.image_size, channels=args.channels, augment=args.augment,
         batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=args.lr,
         betas=tuple(args.betas), warmup_steps=args.warmup_steps, schedule=args.schedule,
