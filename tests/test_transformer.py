@@ -58,6 +58,21 @@ def test_causality_raster_then_depth(cond_type):
             assert diff.view(-1)[here + 1] > 1e-4
 
 
+def full_forward_greedy(model: RQTransformer, cond, B: int, cfg_scale: float) -> torch.Tensor:
+    """Greedy decoding without caches: a full teacher-forced forward pass for every (t, d)."""
+    H, W, D = model.config.code_shape
+    codes = torch.zeros(B, H * W, D, dtype=torch.long)
+    null = model.null_cond(B)[:, 0] if cfg_scale != 1.0 else None
+    with torch.no_grad():
+        for t in range(H * W):
+            for d in range(D):
+                logits = model(codes.view(B, H, W, D), cond)[:, t, d]
+                if null is not None:
+                    logits = guide(logits, model(codes.view(B, H, W, D), null)[:, t, d], cfg_scale)
+                codes[:, t, d] = logits.argmax(-1)
+    return codes.view(B, H, W, D)
+
+
 @pytest.mark.parametrize("cond_type,cfg_scale",
                          [("class", 1.0), ("uncond", 1.0), ("text", 1.0), ("class", 2.5)])
 def test_cached_greedy_equals_full_forward_greedy(cond_type, cfg_scale):
@@ -68,16 +83,7 @@ def test_cached_greedy_equals_full_forward_greedy(cond_type, cfg_scale):
     got = model.generate(cond, batch_size=B, top_k=1, cfg_scale=cfg_scale, dtype=torch.float32)
     assert got.shape == (B, H, W, D) and got.dtype == torch.long
 
-    codes = torch.zeros(B, H * W, D, dtype=torch.long)
-    null = model.null_cond(B)[:, 0] if cfg_scale != 1.0 else None
-    with torch.no_grad():
-        for t in range(H * W):
-            for d in range(D):
-                logits = model(codes.view(B, H, W, D), cond)[:, t, d]
-                if null is not None:
-                    logits = guide(logits, model(codes.view(B, H, W, D), null)[:, t, d], cfg_scale)
-                codes[:, t, d] = logits.argmax(-1)
-    assert torch.equal(got, codes.view(B, H, W, D))
+    assert torch.equal(got, full_forward_greedy(model, cond, B, cfg_scale))
 
 
 def test_sampled_codes_lie_in_top_k_of_teacher_forced_logits():
@@ -221,13 +227,4 @@ def test_cached_greedy_with_wide_layers_equals_full_forward_greedy(cfg_scale, mo
     got = model.generate(cond, batch_size=B, top_k=1, cfg_scale=cfg_scale, dtype=torch.float32)
     if torch.backends.mkldnn.is_available():
         assert any(packed), "no layer took the packed-weight path"
-    codes = torch.zeros(B, H * W, D, dtype=torch.long)
-    null = model.null_cond(B)[:, 0] if cfg_scale != 1.0 else None
-    with torch.no_grad():
-        for t in range(H * W):
-            for d in range(D):
-                logits = model(codes.view(B, H, W, D), cond)[:, t, d]
-                if null is not None:
-                    logits = guide(logits, model(codes.view(B, H, W, D), null)[:, t, d], cfg_scale)
-                codes[:, t, d] = logits.argmax(-1)
-    assert torch.equal(got, codes.view(B, H, W, D))
+    assert torch.equal(got, full_forward_greedy(model, cond, B, cfg_scale))
