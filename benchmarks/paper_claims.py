@@ -87,8 +87,8 @@ def _claim(folder: Path) -> bool:
 
 
 def train_tokenizer(name: str, overrides: dict, args: argparse.Namespace, out: Path):
-    from rqvae.train_vae import TrainVAEConfig, train_vae
-    from rqvae.vae import RQVAE
+    from rqvae.models.vae import RQVAE
+    from rqvae.train.vae import TrainVAEConfig, train_vae
 
     run = out / "vae" / name
     if (run / "model" / "config.json").is_file():
@@ -113,7 +113,7 @@ def train_tokenizer(name: str, overrides: dict, args: argparse.Namespace, out: P
 
 
 def table4(args: argparse.Namespace, out: Path, results: dict, net) -> None:
-    from rqvae.metrics import evaluate_tokenizer
+    from rqvae.eval.metrics import evaluate_tokenizer
 
     rows = results.setdefault("table4", {})
     for name, (overrides, label) in TOKENIZERS.items():
@@ -160,8 +160,8 @@ def table4(args: argparse.Namespace, out: Path, results: dict, net) -> None:
 
 def figure5(out: Path, docs_img: Path, args: argparse.Namespace) -> Path:
     from rqvae.data import build_image_dataset
-    from rqvae.demo import coarse_to_fine_figure
-    from rqvae.vae import RQVAE
+    from rqvae.demo.pipeline import coarse_to_fine_figure
+    from rqvae.models.vae import RQVAE
 
     vae = RQVAE.from_pretrained(out / "vae" / "rq-8x8x4-K256" / "model").eval()
     test = build_image_dataset(args.data, 32, 1, split="test")
@@ -170,12 +170,12 @@ def figure5(out: Path, docs_img: Path, args: argparse.Namespace) -> Path:
 
 
 def table2(args: argparse.Namespace, out: Path, results: dict, net) -> None:
-    from rqvae.classifier import Classifier, classifier_accuracy
-    from rqvae.demo import DEMO_AR_MODEL, DemoConfig, generate_images
-    from rqvae.metrics import fid
-    from rqvae.train_ar import TrainARConfig, train_ar
-    from rqvae.transformer import RQTransformer
-    from rqvae.vae import RQVAE
+    from rqvae.demo.pipeline import DEMO_AR_MODEL, DemoConfig, generate_images
+    from rqvae.eval.metrics import fid
+    from rqvae.models.classifier import Classifier, classifier_accuracy
+    from rqvae.models.transformer import RQTransformer
+    from rqvae.models.vae import RQVAE
+    from rqvae.train.ar import TrainARConfig, train_ar
 
     rows = results.setdefault("table2", {})
     vae_dir = out / "vae" / "rq-8x8x4-K256" / "model"
@@ -239,8 +239,8 @@ def table2(args: argparse.Namespace, out: Path, results: dict, net) -> None:
 
 def classifier(args: argparse.Namespace, out: Path, results: dict) -> None:
     """The in-domain classifier that scores Table 2's samples (trained once, reused)."""
-    from rqvae.classifier import Classifier, ClassifierConfig, evaluate_dataset, train_classifier
     from rqvae.data import build_image_dataset
+    from rqvae.models.classifier import Classifier, ClassifierConfig, evaluate_dataset, train_classifier
 
     clf_dir = out / "classifier"
     if (clf_dir / "config.json").is_file():
@@ -395,7 +395,7 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    from rqvae.metrics import InceptionFeatures
+    from rqvae.eval.metrics import InceptionFeatures
 
     out, docs = Path(args.out), Path(args.docs)
     (docs / "img").mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 import torch
 
-from rqvae.quantize import ResidualQuantizer
+from rqvae.models.quantize import ResidualQuantizer
 
 DIM, DEPTH, K = 64, 4, 256
 HEADING = "## Residual quantizer vs faiss"

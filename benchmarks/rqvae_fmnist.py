@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from rqvae.data import build_image_dataset
-from rqvae.images import make_grid, save_image
-from rqvae.train_vae import TrainVAEConfig, psnr_from_mse, train_vae
-from rqvae.vae import RQVAE
+from rqvae.data.images import make_grid, save_image
+from rqvae.models.vae import RQVAE
+from rqvae.train.vae import TrainVAEConfig, psnr_from_mse, train_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ Three measurements in one run:
    same parameter count (our same code with D = 1 and no depth layers), images/s at several batch sizes,
    timed interleaved (RQ, VQ, RQ, VQ, ...) so that both see the same machine load.
 
-FLOPs are counted analytically (:func:`rqvae.transformer.count_sampling_flops`: every matmul of the
+FLOPs are counted analytically (:func:`rqvae.models.transformer.count_sampling_flops`: every matmul of the
 cached sampling, 2 FLOPs per multiply-add). Wall time is the best of the repeats; on a shared machine the
 process CPU time is printed too. Writes the tables to docs/benchmarks.md under "## Sampling speed".
 
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from rqvae.sampling import cpu_has_amx
-from rqvae.transformer import RQTransformer, RQTransformerConfig, count_sampling_flops
+from rqvae.models.sampling import cpu_has_amx
+from rqvae.models.transformer import RQTransformer, RQTransformerConfig, count_sampling_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = {  # seconds for 8 images, official sampler (fp32, its KV cache, 2 threads), quoted in the task

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rqvae import checkpoint as ck
-from rqvae.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from rqvae.train import checkpoint as ck
 from rqvae.errors import UserError
+from rqvae.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
 def _setup(seed: int, width: int = 8):
@@ -155,7 +155,7 @@ def test_failure_after_temp_write_keeps_previous(tmp_path, monkeypatch):
 
 SAVER = textwrap.dedent("""
     import sys, torch
-    from rqvae.checkpoint import save_checkpoint
+    from rqvae.train.checkpoint import save_checkpoint
     model = torch.nn.Linear(1024, 1024)
     step = int(sys.argv[2])
     while True:

@@ -8,7 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rqvae.classifier import (
+from rqvae.cli import main
+from rqvae.data import TensorImageDataset
+from rqvae.errors import UserError
+from rqvae.models.classifier import (
     Classifier,
     ClassifierConfig,
     classifier_accuracy,
@@ -16,9 +19,6 @@ from rqvae.classifier import (
     rejection_sample,
     train_classifier,
 )
-from rqvae.cli import main
-from rqvae.data import TensorImageDataset
-from rqvae.errors import UserError
 
 
 def toy_set(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +90,7 @@ def test_save_and_load(trained, tmp_path):
     back.eval()
     with torch.no_grad():
         assert torch.equal(back(x), trained(x))
-    from rqvae.vae import RQVAE
+    from rqvae.models.vae import RQVAE
 
     with pytest.raises(UserError, match="holds a 'classifier' model"):
         RQVAE.from_pretrained(tmp_path / "clf")

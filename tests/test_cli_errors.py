@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from rqvae.cli import main
 from rqvae.errors import UserError
-from rqvae.vae import RQVAE
+from rqvae.models.vae import RQVAE
 
 
 @pytest.fixture(scope="module")

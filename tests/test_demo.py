@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rqvae.demo import DemoConfig, run_demo
+from rqvae.demo.pipeline import DemoConfig, run_demo
 
 
 def _image_folder(root, n_per_class=40, classes=3, seed=0):

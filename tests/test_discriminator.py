@@ -7,16 +7,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from rqvae.discriminator import (
+from rqvae.errors import UserError
+from rqvae.models.discriminator import (
     DiscriminatorConfig,
     PatchDiscriminator,
     adaptive_gan_weight,
     generator_loss,
     hinge_d_loss,
 )
-from rqvae.errors import UserError
-from rqvae.lpips import LPIPS
-from rqvae.training import ModelEMA, NonFiniteGuard, NonFiniteLossError, build_scheduler, lr_factor
+from rqvae.models.lpips import LPIPS
+from rqvae.train.common import ModelEMA, NonFiniteGuard, NonFiniteLossError, build_scheduler, lr_factor
 
 
 def test_patchgan_matches_official_layout():

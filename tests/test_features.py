@@ -3,8 +3,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rqvae.data.features import load_or_build_features
 from rqvae.errors import UserError
-from rqvae.features import load_or_build_features
 
 
 class CountingEncoder(nn.Module):

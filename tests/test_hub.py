@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rqvae.errors import UserError
-from rqvae.hub import PretrainedMixin
+from rqvae.models.hub import PretrainedMixin
 
 
 @dataclasses.dataclass

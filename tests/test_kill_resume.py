@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from rqvae.checkpoint import latest_checkpoint
 from rqvae.cli import main
 from rqvae.data import TensorImageDataset
-from rqvae.train_vae import TrainVAEConfig, train_vae
-from rqvae.training import NonFiniteLossError
+from rqvae.train.checkpoint import latest_checkpoint
+from rqvae.train.common import NonFiniteLossError
+from rqvae.train.vae import TrainVAEConfig, train_vae
 
 STEPS = 12
 ARGS = ["--preset", "tiny", "--model-config", '{"ch": 16, "codebook_size": 32}', "--image-size", "16",

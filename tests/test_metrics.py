@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rqvae import metrics
-from rqvae.classifier import Classifier, ClassifierConfig
 from rqvae.cli import main
 from rqvae.errors import UserError
+from rqvae.eval import metrics
+from rqvae.models.classifier import Classifier, ClassifierConfig
 
 
 def smooth_images(n: int, seed: int, size: int = 32, channels: int = 3) -> torch.Tensor:
@@ -131,7 +131,7 @@ def test_inception_score_with_classifier_logits():
 
 
 def _tiny_vae(tmp_path):
-    from rqvae.vae import RQVAE
+    from rqvae.models.vae import RQVAE
 
     torch.manual_seed(0)
     vae = RQVAE.from_preset("tiny", in_channels=1)
@@ -219,7 +219,7 @@ def test_cli_eval_accuracy_and_classifier_score(tmp_path, capsys):
     imgs = torch.stack([torch.from_numpy(np.array(Image.open(p))).float() / 127.5 - 1
                         for d in ("0", "b", "2") for p in sorted((gen / d).iterdir())])[:, None]
     labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
-    from rqvae.classifier import classifier_accuracy
+    from rqvae.models.classifier import classifier_accuracy
 
     assert res["accuracy"] == pytest.approx(classifier_accuracy(imgs, labels, clf))
     assert res["classifier_score"] >= 1.0

@@ -1,4 +1,4 @@
-"""Tests of the residual quantizer (rqvae.quantize): small sizes, fixed seeds, seconds in total."""
+"""Tests of the residual quantizer (rqvae.models.quantize): small sizes, fixed seeds, seconds in total."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rqvae.errors import UserError
-from rqvae.quantize import QuantizerOutput, ResidualQuantizer
+from rqvae.models.quantize import QuantizerOutput, ResidualQuantizer
 
 
 def make(dim=8, K=16, depth=3, shared=True, seed=0, **kw) -> ResidualQuantizer:
@@ -44,7 +44,7 @@ def test_encode_chunking_matches(monkeypatch):
     rq = make(K=16)
     z = torch.randn(300, 8)
     full = rq.encode(z)
-    monkeypatch.setattr("rqvae.quantize._CHUNK_ELEMENTS", 16 * 7)  # chunks of 7 rows
+    monkeypatch.setattr("rqvae.models.quantize._CHUNK_ELEMENTS", 16 * 7)  # chunks of 7 rows
     assert torch.equal(rq.encode(z), full)
     assert torch.equal(rq.encode(z, beam_size=3), rq.encode(z, beam_size=3))
 
@@ -313,7 +313,7 @@ def test_cuda_matches_cpu():
 
 def test_fast_row_argmin_matches_torch_with_ties():
     """The blocked row-argmin of the encode hot path (K >= 96) picks the first minimum, like torch."""
-    from rqvae.quantize import _argmin_rows
+    from rqvae.models.quantize import _argmin_rows
 
     g = torch.Generator().manual_seed(0)
     for k in (96, 256, 1024):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rqvae.quantize import ResidualQuantizer
+from rqvae.models.quantize import ResidualQuantizer
 
 STEPS = 6
 DIM, K, DEPTH = 8, 32, 3

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from rqvae.cli import main
-from rqvae.transformer import AR_PRESETS, RQTransformer
-from rqvae.vae import RQVAE
+from rqvae.models.transformer import AR_PRESETS, RQTransformer
+from rqvae.models.vae import RQVAE
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def folders(tmp_path_factory) -> Path:
     RQTransformer(replace(small, cfg_dropout=0.1), codebook=cb).save_pretrained(root / "class")
     RQTransformer(replace(small, cond_type="uncond"), codebook=cb).save_pretrained(root / "uncond")
 
-    from rqvae.text import save_tokenizer, train_tokenizer
+    from rqvae.data.text import save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(["a red dress", "a blue shirt", "red shoes", "a blue dress"] * 4, vocab_size=300,
                           max_len=5)
@@ -87,7 +87,7 @@ def test_mismatched_vae_is_refused(folders, tmp_path, capsys):
 
 def test_class_samples_feed_eval_accuracy(folders, tmp_path, capsys):
     """`rqvae sample` writes the layout that `rqvae eval --accuracy` reads (a sub-folder per class)."""
-    from rqvae.classifier import Classifier, ClassifierConfig
+    from rqvae.models.classifier import Classifier, ClassifierConfig
 
     assert run(folders, "class", tmp_path / "s", "--class", "0", "1", "2", "--n", "6") == 0
     Classifier(ClassifierConfig(in_channels=3, num_classes=10, width=4, image_size=16)).save_pretrained(

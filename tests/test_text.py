@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from rqvae.errors import UserError
-from rqvae.text import (
+from rqvae.data.text import (
     captions_for_files,
     encode_texts,
     load_tokenizer,
@@ -13,6 +12,7 @@ from rqvae.text import (
     save_tokenizer,
     train_tokenizer,
 )
+from rqvae.errors import UserError
 
 CAPTIONS = ["a red shirt", "a blue shoe", "the red bag is big", "a small blue bag"] * 4
 

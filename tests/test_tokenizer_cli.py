@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rqvae.cli import main
-from rqvae.images import load_images, make_grid
-from rqvae.vae import RQVAE
+from rqvae.data.images import load_images, make_grid
+from rqvae.models.vae import RQVAE
 
 SIZE = 16  # tiny model: 16x16 RGB -> 8x8x2 codes, K = 16
 CFG = dict(image_size=SIZE, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),

@@ -7,14 +7,14 @@ import torch
 from rqvae.cli import main
 from rqvae.data import TensorImageDataset
 from rqvae.errors import UserError
-from rqvae.train_ar import (
+from rqvae.models.vae import RQVAE
+from rqvae.train.ar import (
     TrainARConfig,
     ar_image_loss,
     ar_text_loss,
     step_generator,
     train_ar,
 )
-from rqvae.vae import RQVAE
 
 N_IMAGES = 64
 
@@ -101,7 +101,7 @@ def test_class_conditional_training_lowers_loss_and_caches_features(tmp_path, va
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     run = tmp_path / "run"
     assert (run / "model" / "model.safetensors").is_file() and (run / "samples" / "step_000040.png").is_file()
-    from rqvae.transformer import RQTransformer
+    from rqvae.models.transformer import RQTransformer
 
     loaded = RQTransformer.from_pretrained(run / "model")
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
@@ -125,8 +125,8 @@ def test_resume_is_bitwise_identical(tmp_path, vae_dir, images):
 
 
 def test_text_conditioning_trains_with_a_tokenizer_from_captions(tmp_path, vae_dir, images):
-    from rqvae.images import save_image
-    from rqvae.text import load_tokenizer
+    from rqvae.data.images import save_image
+    from rqvae.data.text import load_tokenizer
 
     folder = tmp_path / "imgs"
     words = ["top left", "top right", "bottom left", "bottom right"]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from rqvae.cli import main
 from rqvae.data import TensorImageDataset
 from rqvae.errors import UserError
-from rqvae.train_vae import TrainVAEConfig, train_vae
-from rqvae.vae import RQVAE
+from rqvae.models.vae import RQVAE
+from rqvae.train.vae import TrainVAEConfig, train_vae
 
 
 def synthetic_images(n=64, size=16, seed=0):
@@ -88,7 +88,7 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 
 def _lpips_files(tmp_path):
-    from rqvae.lpips import LPIPS
+    from rqvae.models.lpips import LPIPS
 
     torch.manual_seed(0)
     ref = LPIPS()
@@ -107,7 +107,7 @@ def test_lpips_loss_is_used_when_files_are_given(tmp_path, caplog):
     m = read_metrics(tmp_path / "p")
     assert m[0]["loss/perceptual"] > 0
     assert m[0]["loss/total"] > m[0]["loss/rec"] + m[0]["loss/perceptual"] - 1e-6
-    with caplog.at_level(logging.INFO, logger="rqvae.training"):
+    with caplog.at_level(logging.INFO, logger="rqvae.train.common"):
         train_vae(small_cfg(tmp_path / "q", steps=1, disc_weight=0.0), dataset=ds)
     said = [r.message for r in caplog.records if "LPIPS" in r.message]
     assert len(said) == 1 and "without the perceptual loss" in said[0]

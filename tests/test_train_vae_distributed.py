@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rqvae.vae import RQVAE
+from rqvae.models.vae import RQVAE
 
 
 def write_pngs(folder, n=16, size=16, seed=0):

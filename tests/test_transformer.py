@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rqvae.errors import UserError
-from rqvae.sampling import guide, per_depth, sample_from_logits, top_k_filter, top_p_filter
-from rqvae.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig, count_sampling_flops
+from rqvae.models.sampling import guide, per_depth, sample_from_logits, top_k_filter, top_p_filter
+from rqvae.models.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig, count_sampling_flops
 
 TINY = AR_PRESETS["tiny"]  # (4, 4, 2) codes, K 16, width 32, 2 + 1 layers
 
@@ -207,7 +207,7 @@ def test_flop_count_scales_with_batch_and_guidance():
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_cached_greedy_with_wide_layers_equals_full_forward_greedy(cfg_scale, monkeypatch):
     """Width 512 puts the sampler's large matmuls on its packed-weight (oneDNN) fp32 path."""
-    import rqvae.transformer as tr
+    import rqvae.models.transformer as tr
 
     packed = []
     init = tr._Linear.__init__

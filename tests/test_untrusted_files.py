@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rqvae.checkpoint import load_torch_file_safely, save_checkpoint
 from rqvae.errors import UserError
+from rqvae.train.checkpoint import load_torch_file_safely, save_checkpoint
 
 FIXTURES = Path(__file__).parent / "data" / "official"
 
@@ -45,7 +45,7 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, legacy):
 
 
 def test_official_reader_refuses_crafted_pickle(tmp_path):
-    official = pytest.importorskip("rqvae.official")
+    official = pytest.importorskip("rqvae.official.vae")
     src, marker = tmp_path / "ckpt", tmp_path / "pwned"
     src.mkdir()
     shutil.copy(FIXTURES / "rqvae_tiny" / "config.yaml", src / "config.yaml")

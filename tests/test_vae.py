@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rqvae.errors import UserError
-from rqvae.vae import RQVAE, VAE_PRESETS, RQVAEConfig, RQVAEOutput
+from rqvae.models.vae import RQVAE, VAE_PRESETS, RQVAEConfig, RQVAEOutput
 
 SMALL = dict(image_size=16, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
              z_channels=16, embed_dim=8, codebook_size=32, depth=3)

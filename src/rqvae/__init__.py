@@ -12,16 +12,16 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "ResidualQuantizer": "rqvae.quantize",
-    "QuantizerOutput": "rqvae.quantize",
-    "RQVAE": "rqvae.vae",
-    "RQVAEConfig": "rqvae.vae",
-    "RQVAEOutput": "rqvae.vae",
-    "VAE_PRESETS": "rqvae.vae",
-    "RQTransformer": "rqvae.transformer",
-    "RQTransformerConfig": "rqvae.transformer",
-    "AR_PRESETS": "rqvae.transformer",
-    "Classifier": "rqvae.classifier",
+    "ResidualQuantizer": "rqvae.models.quantize",
+    "QuantizerOutput": "rqvae.models.quantize",
+    "RQVAE": "rqvae.models.vae",
+    "RQVAEConfig": "rqvae.models.vae",
+    "RQVAEOutput": "rqvae.models.vae",
+    "VAE_PRESETS": "rqvae.models.vae",
+    "RQTransformer": "rqvae.models.transformer",
+    "RQTransformerConfig": "rqvae.models.transformer",
+    "AR_PRESETS": "rqvae.models.transformer",
+    "Classifier": "rqvae.models.classifier",
     "UserError": "rqvae.errors",
 }
 

@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rqvae.errors import UserError
-from rqvae.hub import PretrainedMixin
-from rqvae.sampling import default_dtype, per_depth, sample_from_logits
+from rqvae.models.hub import PretrainedMixin
+from rqvae.models.sampling import default_dtype, per_depth, sample_from_logits
 
 COND_TYPES = ("uncond", "class", "text")
 

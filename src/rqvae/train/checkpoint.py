@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rqvae.errors import UserError
-from rqvae.hub import atomic_write_bytes, load_state_dict_checked
+from rqvae.models.hub import atomic_write_bytes, load_state_dict_checked
 
 FORMAT = "rqvae-training-checkpoint"
 VERSION = 1

@@ -1,8 +1,8 @@
 """Pieces shared by the trainers: optimizer and LR schedule, gradient clipping, model EMA, the
 non-finite-loss guard, bf16 autocast and logging (TensorBoard + tqdm + a JSONL metrics file).
 
-The trainers (:mod:`rqvae.train_vae`, :mod:`rqvae.train_ar`) compose these with the model, the data
-(:mod:`rqvae.data`), checkpoints (:mod:`rqvae.checkpoint`) and :mod:`rqvae.distributed`.
+The trainers (:mod:`rqvae.train.vae`, :mod:`rqvae.train.ar`) compose these with the model, the data
+(:mod:`rqvae.data`), checkpoints (:mod:`rqvae.train.checkpoint`) and :mod:`rqvae.distributed`.
 Gradient accumulation is a loop in the trainer: each of ``grad_accum`` micro-batches backpropagates
 ``loss / grad_accum`` and the gradients are averaged over ranks once, before the optimizer step.
 """
@@ -26,7 +26,7 @@ from torch import nn
 from rqvae import distributed as dist
 from rqvae.errors import UserError
 
-log = logging.getLogger("rqvae.training")
+log = logging.getLogger("rqvae.train.common")
 
 
 # ---------------------------------------------------------------------------------- optimizer
@@ -206,14 +206,14 @@ def bf16_is_fast(device: torch.device | str) -> bool:
     On CPUs without them (AVX2-only, e.g. this project's CI machines) bf16 matmuls and convolutions are
     emulated and measured 10-80x slower than float32, so bf16 autocast is skipped there.
     """
-    from rqvae.sampling import default_dtype
+    from rqvae.models.sampling import default_dtype
 
     return default_dtype(device) == torch.bfloat16
 
 
 @functools.cache
 def _warn_slow_bf16(device_type: str) -> None:
-    logging.getLogger("rqvae.training").warning(
+    logging.getLogger("rqvae.train.common").warning(
         "bf16 autocast requested, but this %s has no fast bf16 units (no AMX); training in float32",
         device_type)
 

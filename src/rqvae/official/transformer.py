@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from rqvae.errors import UserError
-from rqvae.hub import load_state_dict_checked
-from rqvae.transformer import RQTransformer, RQTransformerConfig
+from rqvae.models.hub import load_state_dict_checked
+from rqvae.models.transformer import RQTransformer, RQTransformerConfig
 
 # official arch options and the only values our model implements
 _REQUIRED = {"input_emb_vqvae": True, "head_emb_vqvae": True, "cumsum_depth_ctx": True,
@@ -139,12 +139,12 @@ def load_codebook(vae_dir: str | os.PathLike) -> torch.Tensor:
     official one (model.pt + config.yaml)."""
     path = Path(vae_dir)
     if (path / "config.yaml").is_file() and (path / "model.pt").is_file():
-        from rqvae.official import convert_official_rqvae, load_official
+        from rqvae.official.vae import convert_official_rqvae, load_official
 
         state, arch = load_official(path)
         vae = convert_official_rqvae(state, arch)
     else:
-        from rqvae.vae import RQVAE
+        from rqvae.models.vae import RQVAE
 
         vae = RQVAE.from_pretrained(path)
     cb = vae.quantizer.codebook.detach()  # (n_books, K, n_z)
@@ -154,7 +154,7 @@ def load_codebook(vae_dir: str | os.PathLike) -> torch.Tensor:
 def convert_official_rqtransformer_dir(src_dir: str | os.PathLike, vae_dir: str | os.PathLike,
                                        weights: str = "auto") -> RQTransformer:
     """Read an official stage-2 folder and its paired RQ-VAE folder -> RQTransformer."""
-    from rqvae.official import load_official
+    from rqvae.official.vae import load_official
 
     state, arch = load_official(src_dir, weights)
     return convert_official_rqtransformer(state, arch, load_codebook(vae_dir))

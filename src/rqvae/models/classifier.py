@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from rqvae.errors import UserError
-from rqvae.hub import PretrainedMixin
+from rqvae.models.hub import PretrainedMixin
 
 
 @dataclass
@@ -203,7 +203,7 @@ def train_classifier(model: Classifier, dataset: Dataset, steps: int, batch_size
     import time
 
     from rqvae.data import batches
-    from rqvae.training import Logger, build_optimizer, build_scheduler
+    from rqvae.train.common import Logger, build_optimizer, build_scheduler
 
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")

@@ -10,9 +10,10 @@ with beta = ``commitment_weight`` of the model config (0.25) and w_adv = ``disc_
 codebook is updated by EMA inside the quantizer's forward pass (no gradient). The PatchGAN
 discriminator minimises the hinge loss on (X, sg[X_hat]) with its own Adam optimizer.
 
-Composition (torchtitan style): model (:mod:`rqvae.vae`), data (:mod:`rqvae.data`), losses
-(:mod:`rqvae.discriminator`, :mod:`rqvae.lpips`), checkpoints (:mod:`rqvae.checkpoint`), parallelism
-(:mod:`rqvae.distributed`) and the shared pieces of :mod:`rqvae.training` meet in :func:`train_vae`.
+Composition (torchtitan style): model (:mod:`rqvae.models.vae`), data (:mod:`rqvae.data`), losses
+(:mod:`rqvae.models.discriminator`, :mod:`rqvae.models.lpips`), checkpoints
+(:mod:`rqvae.train.checkpoint`), parallelism (:mod:`rqvae.distributed`) and the shared pieces of
+:mod:`rqvae.train.common` meet in :func:`train_vae`.
 
 Multi-process: gradients are averaged with one all-reduce per model and step, the quantizer all-reduces
 its EMA statistics itself, so every rank holds the same weights and codebook. The discriminator's
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from rqvae import distributed as dist
-from rqvae.discriminator import (
+from rqvae.errors import UserError
+from rqvae.models.discriminator import (
     DiscriminatorConfig,
     PatchDiscriminator,
     adaptive_gan_weight,
@@ -47,8 +49,8 @@ from rqvae.discriminator import (
     hinge_d_loss,
     maybe_sync_batchnorm,
 )
-from rqvae.errors import UserError
-from rqvae.training import (
+from rqvae.models.vae import RQVAE, VAE_PRESETS, RQVAEConfig
+from rqvae.train.common import (
     Logger,
     ModelEMA,
     NonFiniteGuard,
@@ -58,9 +60,8 @@ from rqvae.training import (
     build_scheduler,
     clip_grad_norm,
 )
-from rqvae.vae import RQVAE, VAE_PRESETS, RQVAEConfig
 
-log = logging.getLogger("rqvae.train_vae")
+log = logging.getLogger("rqvae.train.vae")
 
 # Default learning rates: the official 4e-5 for the paper-sized models; the small CPU presets get a
 # larger step so that they train in minutes (fmnist32: docs/results-rqvae-fmnist.md; tiny: the tests).
@@ -157,7 +158,7 @@ def psnr_from_mse(mse: float) -> float:
 
 def _sample_grid(model: RQVAE, images: torch.Tensor) -> torch.Tensor:
     """Rows: originals, then reconstructions from the first d = 1..D codes (paper Fig. 5)."""
-    from rqvae.images import make_grid
+    from rqvae.data.images import make_grid
 
     was_training = model.training
     model.eval()
@@ -182,8 +183,8 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
     ``cfg.data``. Everything a user can get wrong (data, paths, config) raises :class:`UserError`
     before the first step.
     """
-    from rqvae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rqvae.data import build_image_dataset, make_loader
+    from rqvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     cfg.validate()
     info = dist.init_distributed(cfg.device)
@@ -195,7 +196,7 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
 
     lpips = None
     if cfg.lpips_vgg is not None and cfg.perceptual_weight > 0:
-        from rqvae.lpips import LPIPS
+        from rqvae.models.lpips import LPIPS
 
         lpips = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_heads).to(device)
 
@@ -380,7 +381,7 @@ def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
             if sample_images is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
                 grid = _sample_grid(vae, sample_images)
                 logger.image(step, "reconstructions (rows: input, d=1..D)", grid)
-                from rqvae.images import save_image
+                from rqvae.data.images import save_image
 
                 save_image(grid, run_dir / "samples" / f"step_{step:07d}.png")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -60,10 +60,10 @@ def load_vae(path: str | Path):
     """Our RQ-VAE folder, or an official one (model.pt + config.yaml, converted in memory)."""
     path = Path(path)
     if (path / "config.yaml").is_file() and (path / "model.pt").is_file():
-        from rqvae.official import convert_official_rqvae, load_official
+        from rqvae.official.vae import convert_official_rqvae, load_official
 
         return convert_official_rqvae(*load_official(path))
-    from rqvae.vae import RQVAE
+    from rqvae.models.vae import RQVAE
 
     return RQVAE.from_pretrained(path)
 
@@ -104,7 +104,7 @@ def build_conditions(model, args: argparse.Namespace, model_dir: Path) -> torch.
         raise UserError("this model is text-conditional; use --text \"...\" instead of --class")
     if args.text is None:
         raise UserError("this model is text-conditional; pass --text \"a prompt\"")
-    from rqvae.text import encode_texts, load_tokenizer
+    from rqvae.data.text import encode_texts, load_tokenizer
 
     tok = load_tokenizer(model_dir, max_len=c.cond_len)
     ids = encode_texts(tok, [args.text])  # (1, L)
@@ -115,8 +115,8 @@ def build_conditions(model, args: argparse.Namespace, model_dir: Path) -> torch.
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.images import make_grid, save_image
-    from rqvae.transformer import RQTransformer
+    from rqvae.data.images import make_grid, save_image
+    from rqvae.models.transformer import RQTransformer
 
     if args.n < 1 or args.batch_size < 1:
         raise UserError("--n and --batch-size must be at least 1")

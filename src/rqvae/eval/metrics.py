@@ -17,7 +17,7 @@ it takes (B, 3, 299, 299) float32 in the TF Inception range ``(x - 128) / 128`` 
 [-1, 127/128]), has no input normalisation of its own, and returns only the (B, 2048) pool features
 (its last layer is the 8x8 average pool; there is no 1008-way logits layer). So the paper's Inception
 Score cannot be computed with it; :func:`inception_score` takes any logits network instead, e.g. the
-in-domain :class:`rqvae.classifier.Classifier` (a "classifier score", not comparable with ImageNet IS).
+in-domain :class:`rqvae.models.classifier.Classifier` (a "classifier score", not comparable with ImageNet IS).
 
 Only trusted TorchScript files should be passed as ``--inception``: TorchScript archives hold no
 arbitrary Python objects, but they do hold code that runs in the TorchScript interpreter.
@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset, IterableDataset
 
 from rqvae.errors import UserError
-from rqvae.hub import atomic_save_safetensors
+from rqvae.models.hub import atomic_save_safetensors
 
 INCEPTION_SIZE = 299
 INCEPTION_FILE = "default_1.pt"
@@ -435,8 +435,9 @@ def inception_score(batches: Iterable[torch.Tensor], logits_net: nn.Module, spli
 
 
 class ClassifierLogits(nn.Module):
-    """An :class:`rqvae.classifier.Classifier` as a logits network for :func:`inception_score`: images in
-    [-1, 1] of any size / channel count are adapted to the classifier's, then scored in eval mode."""
+    """A :class:`~rqvae.models.classifier.Classifier` as a logits network for
+    :func:`inception_score`: images in [-1, 1] of any size / channel count are adapted to the
+    classifier's, then scored in eval mode."""
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
@@ -444,7 +445,7 @@ class ClassifierLogits(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from rqvae.classifier import predict_logits
+        from rqvae.models.classifier import predict_logits
 
         cfg = self.classifier.config
         if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:

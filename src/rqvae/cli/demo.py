@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rqvae.demo import DemoConfig, run_demo
+from rqvae.demo.pipeline import DemoConfig, run_demo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from rqvae.commands.common import model_config_overrides
+from rqvae.cli.common import model_config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rqvae import distributed
-    from rqvae.train_vae import TrainVAEConfig, train_vae
+    from rqvae.train.vae import TrainVAEConfig, train_vae
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = TrainVAEConfig(

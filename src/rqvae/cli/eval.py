@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _first_image_size(folder: str) -> int:
     from PIL import Image
 
-    from rqvae.images import find_images
+    from rqvae.data.images import find_images
 
     files = find_images([folder])
     try:
@@ -111,7 +111,7 @@ def _class_ids(ds: Any, classifier: Any, folder: str) -> dict[int, int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rqvae import metrics
+    from rqvae.eval import metrics
 
     if not (args.fid or args.ref or args.rfid or args.recon or args.accuracy or args.is_dir):
         raise UserError("nothing to evaluate; pass --fid GEN_DIR --ref REF, --rfid/--recon --model VAE_DIR "
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                               "num_reference": ref.count, "image_size": size}
 
     if args.rfid or args.recon:
-        from rqvae.vae import RQVAE
+        from rqvae.models.vae import RQVAE
 
         vae = RQVAE.from_pretrained(args.model, map_location=args.device)
         depths = None
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         results["tokenizer"]["model"] = args.model
 
     if args.accuracy or args.is_dir:
-        from rqvae.classifier import Classifier, classifier_accuracy
+        from rqvae.models.classifier import Classifier, classifier_accuracy
 
         clf = Classifier.from_pretrained(args.classifier, map_location=args.device)
         size = clf.config.image_size

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from rqvae.errors import UserError
-from rqvae.hub import WEIGHTS_NAME, atomic_save_safetensors
+from rqvae.models.hub import WEIGHTS_NAME, atomic_save_safetensors
 
 CODES_FORMAT = "rqvae-codes/1"
 
@@ -39,7 +39,7 @@ def weights_sha256(model_dir: str | Path) -> str:
 
 
 def load_model(model_dir: str, device: str):
-    from rqvae.vae import RQVAE
+    from rqvae.models.vae import RQVAE
 
     try:
         dev = torch.device(device)
@@ -49,7 +49,7 @@ def load_model(model_dir: str, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.images import find_images, load_images
+    from rqvae.data.images import find_images, load_images
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import yaml
 
-from rqvae.checkpoint import load_torch_file_safely
 from rqvae.errors import UserError
-from rqvae.hub import load_state_dict_checked
-from rqvae.vae import RQVAE, RQVAEConfig
+from rqvae.models.hub import load_state_dict_checked
+from rqvae.models.vae import RQVAE, RQVAEConfig
+from rqvae.train.checkpoint import load_torch_file_safely
 
 WEIGHT_CHOICES = ("auto", "ema", "raw")
 
@@ -190,7 +190,7 @@ def convert_official(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, wei
         if vae_dir is None:
             raise UserError(f"{src_dir} is an RQ-Transformer: pass --vae DIR, its RQ-VAE (official or "
                             "converted), whose codebook embeds the codes")
-        from rqvae.official_transformer import convert_official_rqtransformer, load_codebook
+        from rqvae.official.transformer import convert_official_rqtransformer, load_codebook
 
         model = convert_official_rqtransformer(state, arch, load_codebook(vae_dir))
     else:

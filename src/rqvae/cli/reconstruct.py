@@ -46,8 +46,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.commands.encode import load_model
-    from rqvae.images import find_images, load_images, make_grid, save_image
+    from rqvae.cli.encode import load_model
+    from rqvae.data.images import find_images, load_images, make_grid, save_image
 
     if args.max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {args.max_images}")

@@ -1,7 +1,7 @@
 """Stage-2 training: the RQ-Transformer on codes of a frozen RQ-VAE (paper Sec. 3.2).
 
 The RQ-VAE is frozen, so its encoder runs once over the dataset and the features Z are cached on disk
-(:mod:`rqvae.features`). Every batch then draws fresh codes from the cached features with soft labels
+(:mod:`rqvae.data.features`). Every batch then draws fresh codes from the cached features with soft labels
 and stochastic sampling (Sec. 3.2.3, Eq. 15, temperature tau = 0.5)::
 
     Q_tau(k | r_{t,d-1}) = softmax_k( -||r_{t,d-1} - e(k)||^2 / tau ),   S_{t,d} ~ Q_tau(. | r_{t,d-1})
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from rqvae import distributed as dist
 from rqvae.errors import UserError
-from rqvae.training import (
+from rqvae.train.common import (
     Logger,
     NonFiniteGuard,
     autocast,
@@ -53,7 +53,7 @@ from rqvae.training import (
     clip_grad_norm,
 )
 
-log = logging.getLogger("rqvae.train_ar")
+log = logging.getLogger("rqvae.train.ar")
 
 OFFICIAL_LR = 5e-4
 SMALL_PRESET_LR = 1e-3
@@ -67,7 +67,7 @@ class TrainARConfig:
     data: str  # dataset spec: image folder, .tar shard pattern, "fmnist" or "fmnist:/dir"
     run_dir: str  # checkpoints/, model/, samples/, metrics.jsonl, tb/
     cond: str = "class"  # "uncond" | "class" | "text"
-    preset: str = "fmnist-small"  # a key of rqvae.transformer.AR_PRESETS
+    preset: str = "fmnist-small"  # a key of rqvae.models.transformer.AR_PRESETS
     model: dict[str, Any] = field(default_factory=dict)  # RQTransformerConfig fields overriding the preset
     split: str = "train"
     captions: str | None = None  # JSONL {"file", "text"}; None: a .txt beside each image; "classes": names
@@ -178,8 +178,8 @@ class Conditions:
 
 
 def _dataset_captions(cfg: TrainARConfig, ds: Any) -> list[str]:
-    from rqvae.features import dataset_files
-    from rqvae.text import captions_for_files
+    from rqvae.data.features import dataset_files
+    from rqvae.data.text import captions_for_files
 
     if cfg.captions == "classes":  # e.g. Fashion-MNIST: the class name is the caption
         names = list(getattr(ds, "class_names", []))
@@ -200,7 +200,7 @@ def _conditions(cfg: TrainARConfig, ds: Any, labels: torch.Tensor, captions: lis
     if cfg.cond == "class":
         names = list(getattr(ds, "class_names", [])) or [str(i) for i in range(int(labels.max()) + 1)]
         return Conditions("class", labels, num_classes=len(names), class_names=names)
-    from rqvae.text import encode_texts, load_tokenizer, pad_id, train_tokenizer
+    from rqvae.data.text import encode_texts, load_tokenizer, pad_id, train_tokenizer
 
     assert captions is not None
     if cfg.tokenizer is not None:
@@ -214,7 +214,7 @@ def _conditions(cfg: TrainARConfig, ds: Any, labels: torch.Tensor, captions: lis
 
 # ------------------------------------------------------------------------------------------ model
 def _model_config(cfg: TrainARConfig, vae: Any, cond: Conditions, code_hw: tuple[int, int]) -> Any:
-    from rqvae.transformer import AR_PRESETS, RQTransformerConfig
+    from rqvae.models.transformer import AR_PRESETS, RQTransformerConfig
 
     if cfg.preset not in AR_PRESETS:
         raise UserError(f"unknown RQ-Transformer preset {cfg.preset!r}; choose one of {sorted(AR_PRESETS)}")
@@ -255,13 +255,13 @@ def sample_grid(model: Any, vae: Any, cond: Conditions, n_per_cond: int, seed: i
     """Samples decoded by the VAE as one grid (C, H, W) in [-1, 1]: a row per class for class models,
     a row per prompt for text models, rows of 8 for unconditional ones. ``generate`` picks its own compute
     dtype (bf16 where the hardware has fast bf16 matmuls) unless ``bf16`` is False (then float32)."""
-    from rqvae.images import make_grid
+    from rqvae.data.images import make_grid
 
     if cond.kind == "class":
         c = torch.arange(cond.num_classes).repeat_interleave(n_per_cond)  # (n_classes * n,)
         nrow = n_per_cond
     elif cond.kind == "text":
-        from rqvae.text import encode_texts
+        from rqvae.data.text import encode_texts
 
         c = encode_texts(cond.tokenizer, cond.prompts or [""]).repeat_interleave(n_per_cond, dim=0)  # (N, L)
         nrow = n_per_cond
@@ -293,10 +293,10 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
     ``cfg.data`` (``cfg.data`` then only names it in the feature-cache key). Problems a user can cause
     (paths, data, captions, config) raise :class:`UserError` before the first step.
     """
-    from rqvae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rqvae.data import ResumableBatchSampler, build_image_dataset
-    from rqvae.features import load_or_build_features
-    from rqvae.vae import RQVAE
+    from rqvae.data.features import load_or_build_features
+    from rqvae.models.vae import RQVAE
+    from rqvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     cfg.validate()
     info = dist.init_distributed(cfg.device)
@@ -321,7 +321,7 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
     cond = _conditions(cfg, dataset, cache.labels, cache.captions)
 
     # ---- model, optimizer, schedule (same init on every rank)
-    from rqvae.transformer import RQTransformer
+    from rqvae.models.transformer import RQTransformer
 
     torch.manual_seed(cfg.seed)
     model_cfg = _model_config(cfg, vae, cond, cache.code_hw)
@@ -369,7 +369,7 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
             return
         grid = sample_grid(model, vae, cond, cfg.samples_per_class, seed=cfg.seed, top_k=cfg.sample_top_k,
                            top_p=cfg.sample_top_p, device=device, bf16=cfg.bf16)
-        from rqvae.images import save_image
+        from rqvae.data.images import save_image
 
         save_image(grid, run_dir / "samples" / f"step_{current:06d}.png")
         logger.image(current, "samples", grid)
@@ -444,7 +444,7 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
             samples(step)
             out = model.save_pretrained(run_dir / "model")
             if cond.kind == "text":
-                from rqvae.text import save_tokenizer
+                from rqvae.data.text import save_tokenizer
 
                 save_tokenizer(cond.tokenizer, out)
             logger.info(f"saved the RQ-Transformer to {out}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rqvae.commands.common import model_config_overrides
+from rqvae.cli.common import model_config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text models: a tokenizer.json (default: train byte-level BPE on the captions)")
     p.add_argument("--text-len", type=int, default=32, help="text tokens per caption (padded/truncated)")
     p.add_argument("--text-vocab-size", type=int, default=16384, help="BPE vocabulary cap when training one")
-    p.add_argument("--preset", default="fmnist-small", help="RQ-Transformer preset (see rqvae.transformer)")
+    p.add_argument("--preset", default="fmnist-small",
+                   help="RQ-Transformer preset (see rqvae.models.transformer)")
     p.add_argument("--model-config", default=None,
                    help="JSON file (or inline JSON object) of RQTransformerConfig fields over the preset")
     p.add_argument("--split", default="train", help="dataset split (Fashion-MNIST: train or test)")
@@ -63,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rqvae import distributed
-    from rqvae.train_ar import TrainARConfig, train_ar
+    from rqvae.train.ar import TrainARConfig, train_ar
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = TrainARConfig(

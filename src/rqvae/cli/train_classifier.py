@@ -32,9 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rqvae.classifier import Classifier, ClassifierConfig, train_classifier
     from rqvae.data import build_image_dataset
     from rqvae.errors import UserError
+    from rqvae.models.classifier import Classifier, ClassifierConfig, train_classifier
 
     fmnist = args.data == "fmnist" or args.data.startswith("fmnist:")
     channels = args.channels or (1 if fmnist else 3)

@@ -1,4 +1,4 @@
-"""The ``rqvae`` command. Each subcommand lives in ``rqvae.commands.<module>`` and exposes
+"""The ``rqvae`` command. Each subcommand lives in ``rqvae.cli.<module>`` and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when it is used."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from rqvae.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train-vae": ("rqvae.commands.train_vae", "train an RQ-VAE tokenizer (stage 1)"),
-    "encode": ("rqvae.commands.encode", "encode images into RQ codes"),
-    "decode": ("rqvae.commands.decode", "decode RQ codes into images"),
-    "reconstruct": ("rqvae.commands.reconstruct", "coarse-to-fine reconstructions (paper Fig. 5)"),
-    "convert-official": ("rqvae.commands.convert_official", "convert an official checkpoint"),
-    "train-ar": ("rqvae.commands.train_ar", "train an RQ-Transformer (stage 2)"),
-    "sample": ("rqvae.commands.sample", "sample images from an RQ-Transformer"),
-    "eval": ("rqvae.commands.eval", "FID, IS, rFID, PSNR/SSIM"),
-    "train-classifier": ("rqvae.commands.train_classifier", "train a small classifier for evaluation"),
-    "demo": ("rqvae.commands.demo", "the main job: train on Fashion-MNIST and write a report"),
+    "train-vae": ("rqvae.cli.train_vae", "train an RQ-VAE tokenizer (stage 1)"),
+    "encode": ("rqvae.cli.encode", "encode images into RQ codes"),
+    "decode": ("rqvae.cli.decode", "decode RQ codes into images"),
+    "reconstruct": ("rqvae.cli.reconstruct", "coarse-to-fine reconstructions (paper Fig. 5)"),
+    "convert-official": ("rqvae.cli.convert_official", "convert an official checkpoint"),
+    "train-ar": ("rqvae.cli.train_ar", "train an RQ-Transformer (stage 2)"),
+    "sample": ("rqvae.cli.sample", "sample images from an RQ-Transformer"),
+    "eval": ("rqvae.cli.eval", "FID, IS, rFID, PSNR/SSIM"),
+    "train-classifier": ("rqvae.cli.train_classifier", "train a small classifier for evaluation"),
+    "demo": ("rqvae.cli.demo", "the main job: train on Fashion-MNIST and write a report"),
 }
 
 

@@ -28,7 +28,7 @@ import torch
 
 from rqvae.errors import UserError
 
-log = logging.getLogger("rqvae.demo")
+log = logging.getLogger("rqvae.demo.pipeline")
 
 # The demo's RQ-Transformer: the `fmnist-small` preset slimmed so that stage 2 trains in minutes on two
 # CPU cores in float32 (measured: ~0.85M parameters, ~2 GFLOP per training step at batch 32).
@@ -75,8 +75,8 @@ def _stage(name: str) -> None:
 
 
 def train_or_load_vae(cfg: DemoConfig, out: Path) -> Any:
-    from rqvae.train_vae import TrainVAEConfig, train_vae
-    from rqvae.vae import RQVAE
+    from rqvae.models.vae import RQVAE
+    from rqvae.train.vae import TrainVAEConfig, train_vae
 
     run = out / "vae"
     if _done(run / "model"):
@@ -95,8 +95,8 @@ def train_or_load_vae(cfg: DemoConfig, out: Path) -> Any:
 
 
 def train_or_load_classifier(cfg: DemoConfig, out: Path) -> tuple[Any, float | None]:
-    from rqvae.classifier import Classifier, ClassifierConfig, evaluate_dataset, train_classifier
     from rqvae.data import build_image_dataset
+    from rqvae.models.classifier import Classifier, ClassifierConfig, evaluate_dataset, train_classifier
 
     folder = out / "classifier"
     test = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="test")
@@ -117,8 +117,8 @@ def train_or_load_classifier(cfg: DemoConfig, out: Path) -> tuple[Any, float | N
 
 
 def train_or_load_ar(cfg: DemoConfig, out: Path) -> Any:
-    from rqvae.train_ar import TrainARConfig, train_ar
-    from rqvae.transformer import RQTransformer
+    from rqvae.models.transformer import RQTransformer
+    from rqvae.train.ar import TrainARConfig, train_ar
 
     run = out / "ar"
     if _done(run / "model"):
@@ -192,7 +192,7 @@ def plot_loss_curves(runs: dict[str, Path], path: Path) -> Path | None:
 
 def coarse_to_fine_figure(vae: Any, images: torch.Tensor, path: Path) -> Path:
     """Paper Fig. 5: originals (top row), then reconstructions from the first d codes, d = 1..D."""
-    from rqvae.images import make_grid, save_image
+    from rqvae.data.images import make_grid, save_image
 
     vae.eval()
     with torch.no_grad():
@@ -242,8 +242,8 @@ def _fmt(v: Any) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from rqvae.data import build_image_dataset
-    from rqvae.images import make_grid, save_image
-    from rqvae.metrics import InceptionFeatures, evaluate_tokenizer, fid
+    from rqvae.data.images import make_grid, save_image
+    from rqvae.eval.metrics import InceptionFeatures, evaluate_tokenizer, fid
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if classifier_test_acc is not None:
         metrics["classifier accuracy on real test images"] = classifier_test_acc
     if cfg.eval_samples > 0:
-        from rqvae.classifier import classifier_accuracy
+        from rqvae.models.classifier import classifier_accuracy
 
         labels = torch.arange(cfg.eval_samples) % num_classes
         samples = generate_images(ar, vae, labels, cfg)
@@ -317,7 +317,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _per_depth(tok: dict[str, Any]) -> dict[int, dict[str, float]]:
-    """The per-depth part of :func:`rqvae.metrics.evaluate_tokenizer`'s result, keyed by depth."""
+    """The per-depth part of :func:`rqvae.eval.metrics.evaluate_tokenizer`'s result, keyed by depth."""
     per = tok.get("per_depth") or tok.get("depths")
     if per is None:
         raise UserError("evaluate_tokenizer returned no per-depth results")

@@ -13,7 +13,7 @@ is updated by EMA, not by gradients.
 
 The encoder/decoder follow the taming-transformers layout that the official implementation uses, with
 the same module names, so that official weights load by renaming only the quantizer's tensors
-(see :mod:`rqvae.official`).
+(see :mod:`rqvae.official.vae`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rqvae.errors import UserError
-from rqvae.hub import PretrainedMixin
-from rqvae.quantize import ResidualQuantizer
+from rqvae.models.hub import PretrainedMixin
+from rqvae.models.quantize import ResidualQuantizer
 
 
 @dataclass

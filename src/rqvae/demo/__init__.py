@@ -1,0 +1,1 @@
+"""``make demo``: both stages on Fashion-MNIST, a classifier, samples, figures, FID and a report."""

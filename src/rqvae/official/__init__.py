@@ -1,0 +1,1 @@
+"""Reading and converting the official kakaobrain/rq-vae-transformer checkpoints."""

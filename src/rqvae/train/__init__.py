@@ -1,0 +1,1 @@
+"""Training: one loop for every model, the per-model tasks, checkpoints and the pieces they share."""
