@@ -47,7 +47,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from rqvae.cli.encode import load_model
-    from rqvae.data.images import find_images, load_images, make_grid, save_image
+    from rqvae.data.images import find_images, load_images, save_image
+    from rqvae.eval.figures import coarse_to_fine, tile_coarse_to_fine
 
     if args.max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {args.max_images}")
@@ -58,13 +59,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise UserError(f"{out} is a folder; -o takes a file name such as fig.png")
-    with torch.inference_mode():
-        x = load_images(files, cfg.in_channels, cfg.image_size).to(dev)  # (N, C, H, W)
-        codes = model.encode(x)  # (N, h, w, D)
-        recons = [model.decode(codes, depth=d).clamp(-1, 1) for d in depths]  # each (N, C, H, W)
-    cols = torch.stack([x, *recons], dim=1)  # (N, 1 + len(depths), C, H, W)
-    grid = make_grid(cols.flatten(0, 1).cpu(), nrow=1 + len(depths))
-    save_image(grid, out)
+    x = load_images(files, cfg.in_channels, cfg.image_size).to(dev)  # (N, C, H, W)
+    recons = coarse_to_fine(model, x, depths)  # each (N, C, H, W)
+    save_image(tile_coarse_to_fine(x, recons, one_row_per_image=True), out)
     print(f"wrote {out}: {len(files)} rows x (original + depths {','.join(map(str, depths))})")
     for d, r in zip(depths, recons):
         p = psnr(x, r)

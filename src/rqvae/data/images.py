@@ -1,15 +1,22 @@
-"""Reading and writing images, and tiling them into grids.  Tensors hold images in [-1, 1]."""
+"""Reading and writing images, and tiling them into grids.  Tensors hold images in [-1, 1].
+
+One decoder serves every path: :func:`load_image` (open, fully decode, convert the mode, resize the short
+side and crop) raises the decoder's own error, which the datasets catch to skip and count bad files;
+:func:`load_images` (the CLI path) turns it into a :class:`UserError` naming the file.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from rqvae.data.common import reason
 from rqvae.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -33,27 +40,65 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def load_image(path: str | os.PathLike, channels: int = 3, size: int | None = None) -> Image.Image:
-    """Open an image as RGB (channels=3) or L (channels=1); with `size`, resize the short side to `size`
-    and center-crop to size x size.  Transparent pixels are composited on white."""
-    path = Path(path)
+# ------------------------------------------------------------------------------------------- decoding
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> "L" (channels=1) or "RGB" (channels=3). Transparency is composited on white,
+    16/32-bit integer images are scaled to 8 bit, EXIF orientation is applied."""
     try:
-        with Image.open(path) as f:
-            f.load()
-            im = ImageOps.exif_transpose(f)  # a loaded copy, usable after the file is closed
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable image ({type(e).__name__}); remove it or convert it "
-                        "to PNG/JPEG") from None
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im.alpha_composite(rgba)
-    im = im.convert("RGB" if channels == 3 else "L")
-    if size is not None:
-        im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
-    return im
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # broken EXIF: keep the pixels as stored
+        pass
+    if img.mode in ("P", "PA"):
+        has_alpha = img.mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+    if img.mode == "L" and "transparency" in img.info:
+        img = img.convert("LA")
+    if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B, I (32-bit int), F (float)
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def decode_image(src: str | os.PathLike | bytes, channels: int) -> Image.Image:
+    """Open, fully decode (so truncated files fail here, not later) and convert the mode."""
+    if isinstance(src, bytes):
+        if not src:
+            raise ValueError("empty file")
+        img = Image.open(io.BytesIO(src))
+    else:
+        if os.path.getsize(src) == 0:
+            raise ValueError("empty file")
+        img = Image.open(src)
+    with img:
+        img.load()
+        return to_mode(img, channels)
+
+
+def resize_crop(img: Image.Image, size: int, generator: torch.Generator | None = None,
+                augment: bool = False) -> Image.Image:
+    """Resize the shorter side to ``size`` (small images are upscaled), then a center crop, or a random crop
+    and a random horizontal flip when ``augment``."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if augment:
+        left = int(torch.randint(nw - size + 1, (1,), generator=generator))
+        top = int(torch.randint(nh - size + 1, (1,), generator=generator))
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+    else:
+        left, top, flip = (nw - size) // 2, (nh - size) // 2, False
+    img = img.crop((left, top, left + size, top + size))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
 
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:
@@ -64,6 +109,28 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
+def load_image(src: str | os.PathLike | bytes, image_size: int, channels: int, augment: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decode one image file (path or bytes) into a (C, S, S) float tensor in [-1, 1]; decoder errors
+    propagate (datasets skip such files)."""
+    return pil_to_tensor(resize_crop(decode_image(src, channels), image_size, generator, augment))
+
+
+def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
+    """Files -> (N, C, size, size) in [-1, 1]; a missing or unreadable file raises a UserError naming it."""
+    out = []
+    for p in map(Path, paths):
+        try:
+            out.append(load_image(p, size, channels))
+        except FileNotFoundError:
+            raise UserError(f"{p} does not exist") from None
+        except Exception as e:  # any decoder error
+            raise UserError(f"{p} is not a readable image ({reason(e)}); remove it or convert it "
+                            "to PNG/JPEG") from None
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------- writing
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """(C, H, W) in [-1, 1] (clamped) -> PIL image, RGB for C = 3 and L for C = 1."""
     if x.ndim != 3 or x.shape[0] not in (1, 3):
@@ -71,11 +138,6 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     a = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     a = a.permute(1, 2, 0).numpy()
     return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)  # uint8 (H, W) -> L, (H, W, 3) -> RGB
-
-
-def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
-    """Files -> (N, C, size, size) in [-1, 1]."""
-    return torch.stack([pil_to_tensor(load_image(p, channels, size)) for p in paths])
 
 
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> Path:
