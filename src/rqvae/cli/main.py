@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("rqvae.cli.sample", "sample images from an RQ-Transformer"),
     "eval": ("rqvae.cli.eval", "FID, IS, rFID, PSNR/SSIM"),
     "train-classifier": ("rqvae.cli.train_classifier", "train a small classifier for evaluation"),
+    "compress": ("rqvae.cli.compress", "compress images into .rqv files (RQ codes + entropy coding)"),
+    "decompress": ("rqvae.cli.decompress", "decompress .rqv files into PNG images"),
     "demo": ("rqvae.cli.demo", "the main job: train on Fashion-MNIST and write a report"),
 }
 
