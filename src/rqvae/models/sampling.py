@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -72,6 +73,49 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
     # the first index whose CDF exceeds u * total never has zero probability
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+
+
+@dataclass
+class Sampler:
+    """The sampling settings of one ``generate`` call, one value per depth, and classifier-free guidance.
+
+    With ``cfg_scale != 1`` the model runs the conditional batch (rows 0..B-1) and the null-conditional
+    batch (rows B..2B-1) together; :meth:`draw` guides, samples B codes and repeats them for both halves.
+    Both samplers (reference and optimised) draw through it, so they consume the generator identically.
+    """
+
+    batch_size: int  # B, the images asked for
+    temperatures: list[float]
+    top_ks: list[int | None]
+    top_ps: list[float | None]
+    cfg_scale: float = 1.0
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def build(cls, depth: int, batch_size: int, *, temperature: float | Sequence[float] = 1.0,
+              top_k: int | Sequence[int | None] | None = None,
+              top_p: float | Sequence[float | None] | None = None, cfg_scale: float = 1.0,
+              generator: torch.Generator | None = None) -> Sampler:
+        temps = per_depth(temperature, depth, "temperature")
+        for t in temps:
+            if t is None or t <= 0:
+                raise UserError(f"temperature must be > 0, got {t}")
+        return cls(batch_size, temps, per_depth(top_k, depth, "top_k"), per_depth(top_p, depth, "top_p"),
+                   cfg_scale, generator)
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    def draw(self, logits: torch.Tensor, d: int) -> torch.Tensor:
+        """Codes at depth d from logits (Bx, K) -> (Bx,); Bx = 2B when guided (same code in both halves)."""
+        logits = logits.float()
+        if self.guided:
+            B = self.batch_size
+            logits = guide(logits[:B], logits[B:], self.cfg_scale)  # (B, K)
+        code = sample_from_logits(logits, self.temperatures[d], self.top_ks[d], self.top_ps[d],
+                                  self.generator)
+        return torch.cat([code, code]) if self.guided else code
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,8 +27,11 @@ E_{t,d} = sum_{d' <= d} e(S_{t,d'}) (the partial RQ-VAE reconstruction)::
 The output head is shared by all depths. Both stacks are pre-LN GPT blocks with causal masks.
 Text models also predict the next text token from the spatial outputs at the condition slots.
 
-Sampling (:meth:`RQTransformer.generate`) keeps static key/value caches in both stacks, so each step
-runs one new token through each layer; see the method's docstring.
+Sampling (:meth:`RQTransformer.generate`) keeps static key/value caches in both stacks (:class:`KVCache`),
+so each step runs one new token through each layer. The reference decode here (``_generate_reference``:
+``setup_caches``, ``spatial_step``, ``decode_one_position``) uses the blocks above; the optimised one in
+:mod:`rqvae.models.generate_fast` packs the same weights for speed, and tests/test_generate.py keeps the two
+drawing identical codes.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rqvae.errors import UserError
+from rqvae.models.generate_fast import generate_fast
 from rqvae.models.hub import PretrainedMixin
-from rqvae.models.sampling import default_dtype, per_depth, sample_from_logits
+from rqvae.models.sampling import Sampler, default_dtype
 
 COND_TYPES = ("uncond", "class", "text")
 
@@ -131,6 +135,22 @@ AR_PRESETS: dict[str, RQTransformerConfig] = {
 }
 
 
+class KVCache:
+    """Static key/value cache of one attention layer for one ``generate`` call: slots 0..n-1 filled so far."""
+
+    def __init__(self, batch_size: int, n_heads: int, slots: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.k = torch.zeros(batch_size, n_heads, slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, h, n, hd) to slots pos..pos+n-1 -> keys and values of slots 0..pos+n-1."""
+        n = k.shape[2]
+        self.k[:, :, pos:pos + n] = k
+        self.v[:, :, pos:pos + n] = v
+        return self.k[:, :, :pos + n], self.v[:, :, :pos + n]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, n_heads: int, attn_dropout: float, dropout: float) -> None:
         super().__init__()
@@ -142,11 +162,20 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C). With a cache, x holds the tokens of slots pos..pos+L-1 and attends to
+        the cached slots before them too."""
         B, L, C = x.shape
         q, k, v = (m(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, h, L, hd)
                    for m in (self.query, self.key, self.value))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, h, pos + L, hd)
+        n = k.shape[2]  # slots attended to
+        causal = L > 1 and n == L  # L tokens from slot 0: the plain causal mask
+        mask = None  # one new token sees every slot so far
+        if 1 < L < n:  # several new tokens after a cached prefix: slot pos+i sees slots <= pos+i
+            mask = torch.arange(n, device=x.device) <= pos + torch.arange(L, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, C)))
 
@@ -162,8 +191,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
                                  nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, pos)
         return x + self.mlp(self.ln2(x))
 
 
@@ -350,7 +379,8 @@ class RQTransformer(PretrainedMixin, nn.Module):
     def generate(self, cond: torch.Tensor | int | None = None, batch_size: int | None = None, *,
                  temperature: float | list[float] = 1.0, top_k: int | list[int | None] | None = None,
                  top_p: float | list[float | None] | None = None, cfg_scale: float = 1.0,
-                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+                 impl: str = "auto") -> torch.Tensor:
         """Sample codes (B, H, W, D) autoregressively: raster order over positions, then depth.
 
         cond: (B,) class ids / (B, L) text ids / an int class id with ``batch_size`` / None (uncond).
@@ -360,185 +390,87 @@ class RQTransformer(PretrainedMixin, nn.Module):
         generator: a torch.Generator on the model's device for reproducible samples.
         dtype: compute dtype of the matmuls; default bfloat16 on CUDA and on CPUs with AMX, else float32.
         LayerNorm, softmax and the residual stream stay float32 (as autocast does).
-
-        Each of the T positions runs one token through the spatial stack (static key/value cache of
-        L + T - 1 slots per layer) and D tokens through the depth stack (a D-slot cache per layer, reused
-        per position); nothing is recomputed. Input projections of the codebook are precomputed as
-        tables (K, C), so embedding a sampled code is a row lookup.
+        impl: "reference" runs :meth:`_generate_reference` (this module's blocks with KV caches), "fast"
+        the optimised :func:`rqvae.models.generate_fast.generate_fast` (same maths, packed weights, 1.1-3x
+        faster on a CPU at batch 8); "auto" picks the fast one. Both draw the same codes in fp32.
         """
-        D = self.config.depth
+        if impl not in ("auto", "reference", "fast"):
+            raise UserError(f"impl must be 'auto', 'reference' or 'fast', got {impl!r}")
         device = self.codebook.device
         cond = self.check_cond(cond, batch_size=batch_size)  # (B, L)
         B = cond.shape[0]
-        temps = per_depth(temperature, D, "temperature")
-        ks = per_depth(top_k, D, "top_k")
-        ps = per_depth(top_p, D, "top_p")
-        for t_ in temps:
-            if t_ is None or t_ <= 0:
-                raise UserError(f"temperature must be > 0, got {t_}")
+        sampler = Sampler.build(self.config.depth, B, temperature=temperature, top_k=top_k, top_p=top_p,
+                                cfg_scale=cfg_scale, generator=generator)
         if generator is not None and generator.device.type != device.type:
             raise UserError(f"the generator is on {generator.device} but the model is on {device}; "
                             f"create it with torch.Generator(device={str(device)!r})")
-        if cfg_scale != 1.0:
+        if sampler.guided:
             cond = torch.cat([cond, self.null_cond(B)], dim=0)  # (2B, L): conditional, then null
         dt = dtype or default_dtype(device)
         with torch.inference_mode():
-            out = self._generate_codes(cond, B, cfg_scale, temps, ks, ps, generator, dt)
-        return out.clone()  # a normal tensor (inference tensors cannot be used in autograd later)
+            if impl == "reference":
+                out = self._generate_reference(cond, sampler, dt)
+            else:
+                out = generate_fast(self, cond, sampler, dt)  # (Bx, T, D)
+        return out[:B].reshape(B, *self.config.code_shape).clone()  # clone: a normal tensor, not an
+        # inference tensor (those cannot be used in autograd later)
 
-    def _generate_codes(self, cond: torch.Tensor, B: int, cfg_scale: float, temps: list, ks: list, ps: list,
-                        generator: torch.Generator | None, dt: torch.dtype) -> torch.Tensor:
-        """The sampling loop of :meth:`generate` on a checked condition (Bx, L) -> codes (B, H, W, D)."""
+    def setup_caches(self, batch_size: int, dtype: torch.dtype) -> tuple[list[KVCache], list[KVCache]]:
+        """Static caches for one generate call: L + T - 1 slots per spatial layer (the condition and every
+        image slot but the last), D slots per depth layer (reused at every position)."""
         c = self.config
-        H, W, D = c.code_shape
-        T, L = H * W, c.cond_len
+        kw = dict(dtype=dtype, device=self.codebook.device)
+        hd = c.width // c.n_heads
+        spatial = [KVCache(batch_size, c.n_heads, c.cond_len + c.num_positions - 1, hd, **kw)
+                   for _ in self.spatial_blocks]
+        depth = [KVCache(batch_size, c.n_heads, c.depth, hd, **kw) for _ in self.depth_blocks]
+        return spatial, depth
+
+    def spatial_step(self, x: torch.Tensor, caches: list[KVCache], pos: int) -> torch.Tensor:
+        """Spatial stack on the tokens of slots pos..pos+n-1: x (B, n, C) -> (B, n, C)."""
+        for blk, cache in zip(self.spatial_blocks, caches):
+            x = blk(x, cache, pos)
+        return x
+
+    def decode_one_position(self, h: torch.Tensor, caches: list[KVCache], sampler: Sampler) -> torch.Tensor:
+        """Depth transformer at one position: h_t (B, C) -> codes S_t (B, D), each depth sampled before the
+        next one's input v_{t,d} = head_mlp(E_{t,d-1}) + PE_D(d) is built."""
+        B, D = h.shape[0], self.config.depth
+        codes = torch.empty(B, D, dtype=torch.long, device=h.device)
+        v = h + self.pos_depth[0]  # (B, C): v_{t,0}
+        cum = torch.zeros(B, self.config.embed_dim, device=h.device)  # E_{t,d}, (B, n_z)
+        for d in range(D):
+            y = v[:, None]  # (B, 1, C) at depth slot d
+            for blk, cache in zip(self.depth_blocks, caches):
+                y = blk(y, cache, d)
+            codes[:, d] = sampler.draw(self.head(y[:, 0]), d)  # logits (B, K) -> (B,)
+            if d + 1 < D:
+                cum = cum + self.codebook[codes[:, d]]
+                v = self.head_mlp(cum) + self.pos_depth[d + 1]  # (B, C): v_{t,d+1}
+        return codes
+
+    def _generate_reference(self, cond: torch.Tensor, sampler: Sampler, dt: torch.dtype) -> torch.Tensor:
+        """The readable sampler: codes (Bx, T, D) for a checked condition (Bx, L), in eval mode.
+
+        Prefill the L condition tokens, then per position t: sample S_t with the depth stack from h_t, and
+        run the image slot L + t (input u(S_t) + PE_T(t)) through the spatial stack to get h_{t+1}.
+        Matmuls run in ``dt`` under autocast; LayerNorm and softmax stay fp32.
+        """
+        c = self.config
+        T, L = c.num_positions, c.cond_len
         device = self.codebook.device
-        guided = cfg_scale != 1.0
-        Bx = cond.shape[0]
-        fw = _FastWeights(self, dt, Bx)
-        nh, hd = c.n_heads, c.width // c.n_heads
-
-        # static caches per layer: keys and values side by side, (Bx * heads, slots, 2, head_dim)
-        s_kv = torch.empty(len(fw.spatial), Bx * nh, L + T - 1, 2, hd, dtype=dt, device=device)
-        d_kv = torch.empty(len(fw.depth), Bx * nh, D, 2, hd, dtype=dt, device=device)
-        out = torch.empty(B, T, D, dtype=torch.long, device=device)
-        pos_spatial = self.pos_spatial + fw.input_bias * D  # (T, C): image-slot input before the code rows
-        pos_depth = self.pos_depth  # (D, C)
-
-        x_cond = self.cond_emb(cond) + self.pos_cond  # (Bx, L, C): the condition tokens, one step each
-        for j in range(L):
-            x = x_cond[:, j]
-            for i, blk in enumerate(fw.spatial):
-                x = _token_step(x, blk, s_kv[i], j, nh)
-        h = x  # (Bx, C): h_0
-        for t in range(T):
-            img_in = pos_spatial[t]  # (C,) + the D code rows added below
-            v = h + pos_depth[0]  # (Bx, C)
-            cum = fw.head_bias  # head_mlp(E_{t,d}) accumulated as table rows
-            for d in range(D):
-                y = v
-                for i, blk in enumerate(fw.depth):
-                    y = _token_step(y, blk, d_kv[i], d, nh)
-                hid = F.layer_norm(y, (c.width,), fw.head_ln_w, fw.head_ln_b).to(dt)
-                logits = fw.head(hid).float()  # (Bx, K)
-                if guided:
-                    lc, lu = logits[:B], logits[B:]
-                    logits = lu + cfg_scale * (lc - lu)
-                code = sample_from_logits(logits, temps[d], ks[d], ps[d], generator)  # (B,)
-                out[:, t, d] = code
-                if guided:
-                    code = torch.cat([code, code])
-                img_in = img_in + F.embedding(code, fw.input_table)  # (Bx, C)
-                if d + 1 < D:
-                    cum = cum + F.embedding(code, fw.head_table)
-                    v = cum + pos_depth[d + 1]
-            if t + 1 < T:
-                x = img_in  # (Bx, C) the image slot L + t
-                for i, blk in enumerate(fw.spatial):
-                    x = _token_step(x, blk, s_kv[i], L + t, nh)
-                h = x
-        return out.view(B, H, W, D)
-
-
-class _Linear:
-    """x @ W^T + b (optionally followed by exact GELU) for the few rows of one sampling step.
-
-    At small batch a matmul streams its whole weight for a handful of rows. For fp32 weights of at least
-    ONEDNN_MIN_WEIGHT entries on a CPU, the weight is reordered once into oneDNN's blocked layout for a
-    batch of ``rows`` and the GELU is fused: 1.1-1.25x faster than MKL's sgemm for 8 rows on this AVX2
-    CPU from 512 x 1536 up, slower below 256 x 1024 (measured, weights rotating through the L3 cache as
-    in sampling). Otherwise: one addmm on the transposed weight (in, out) in the compute dtype.
-    """
-
-    ONEDNN_MIN_WEIGHT: ClassVar[int] = 2**19
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dt: torch.dtype, rows: int,
-                 gelu: bool = False) -> None:
-        self.gelu = gelu
-        self.onednn = (dt == torch.float32 and weight.device.type == "cpu"
-                       and weight.numel() >= self.ONEDNN_MIN_WEIGHT // (2 if gelu else 1)
-                       and torch.backends.mkldnn.is_available()
-                       and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-        if self.onednn:
-            self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), rows)
-            self.b = bias.detach().float().contiguous()
-        else:
-            self.w = weight.detach().t().to(dt).contiguous()  # (in, out)
-            self.b = bias.detach().to(dt)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "gelu" if self.gelu else "none", [],
-                                                       "none" if self.gelu else "")
-        y = torch.addmm(self.b, x, self.w)
-        return F.gelu(y) if self.gelu else y
-
-
-@dataclass
-class _BlockWeights:
-    ln1_w: torch.Tensor
-    ln1_b: torch.Tensor
-    qkv: _Linear  # C -> 3C: outputs ordered (head, q/k/v, head_dim), the query scaled by 1/sqrt(hd)
-    proj: _Linear  # C -> C
-    ln2_w: torch.Tensor
-    ln2_b: torch.Tensor
-    fc1: _Linear  # C -> 4C, with the exact GELU fused where the backend can
-    fc2: _Linear  # 4C -> C
-
-
-class _FastWeights:
-    """Weights packed once per ``generate`` call: fused QKV with the outputs grouped per head (so one
-    token's q, k, v of a head are adjacent and the attention needs no transposes) and the softmax scale
-    folded into the query, matmul weights transposed (x @ W^T as one addmm on contiguous (in, out)
-    weights) in the compute dtype, and the codebook projected through input_mlp / head_mlp as lookup
-    tables (K, C)."""
-
-    def __init__(self, model: RQTransformer, dt: torch.dtype, rows: int) -> None:
-        nh = model.config.n_heads
-        scale = torch.tensor([(model.config.width // nh) ** -0.5, 1.0, 1.0])  # q, k, v
-
-        def pack(b: Block) -> _BlockWeights:
-            a = b.attn
-            C = a.query.weight.shape[1]
-            qkv_w = torch.stack([a.query.weight, a.key.weight, a.value.weight])  # (3, C_out, C_in)
-            qkv_b = torch.stack([a.query.bias, a.key.bias, a.value.bias])  # (3, C_out)
-            qkv_w = (qkv_w * scale[:, None, None]).view(3, nh, -1, C).transpose(0, 1).reshape(3 * C, C)
-            qkv_b = (qkv_b * scale[:, None]).view(3, nh, -1).transpose(0, 1).reshape(3 * C)
-            return _BlockWeights(
-                b.ln1.weight, b.ln1.bias, _Linear(qkv_w, qkv_b, dt, rows),
-                _Linear(a.proj.weight, a.proj.bias, dt, rows), b.ln2.weight, b.ln2.bias,
-                _Linear(b.mlp[0].weight, b.mlp[0].bias, dt, rows, gelu=True),
-                _Linear(b.mlp[2].weight, b.mlp[2].bias, dt, rows))
-
-        self.spatial = [pack(b) for b in model.spatial_blocks]
-        self.depth = [pack(b) for b in model.depth_blocks]
-        self.input_table = model.codebook @ model.input_mlp.weight.t()  # (K, C) fp32
-        self.input_bias = model.input_mlp.bias
-        self.head_table = model.codebook @ model.head_mlp.weight.t()  # (K, C) fp32
-        self.head_bias = model.head_mlp.bias
-        self.head_ln_w, self.head_ln_b = model.head.ln.weight, model.head.ln.bias
-        self.head = _Linear(model.head.linear.weight, model.head.linear.bias, dt, rows)
-
-
-def _token_step(x: torch.Tensor, w: _BlockWeights, kv_cache: torch.Tensor, pos: int,
-                n_heads: int) -> torch.Tensor:
-    """One pre-LN block on one new token per row, x (B, C), at cache slot ``pos`` (fp32 residual stream).
-
-    kv_cache (B * heads, slots, 2, head_dim) holds the keys and values of slots 0..pos-1; the token's
-    own key and value are written to slot pos and its query attends to slots 0..pos:
-    softmax(q K^T / sqrt(hd)) V per head, as two batched matmuls over the filled prefix only.
-    """
-    B, C = x.shape
-    dt = kv_cache.dtype
-    hid = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b).to(dt)
-    qkv = w.qkv(hid).view(B * n_heads, 3, -1)  # (B*h, 3, hd), q pre-scaled
-    kv_cache[:, pos] = qkv[:, 1:]
-    kv = kv_cache[:, :pos + 1]  # (B*h, n, 2, hd)
-    att = torch.softmax(torch.bmm(qkv[:, :1], kv[:, :, 0].transpose(1, 2)), -1, dtype=torch.float32)
-    y = torch.bmm(att.to(dt), kv[:, :, 1]).view(B, C)  # (B*h, 1, hd) -> (B, C)
-    x = x + w.proj(y).float()
-    hid = F.layer_norm(x, (C,), w.ln2_w, w.ln2_b).to(dt)
-    return x + w.fc2(w.fc1(hid)).float()
+        spatial_caches, depth_caches = self.setup_caches(cond.shape[0], dt)
+        with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
+            x = self.cond_emb(cond) + self.pos_cond  # (Bx, L, C)
+            h = self.spatial_step(x, spatial_caches, 0)[:, -1].float()  # prefill -> h_0 (Bx, C)
+            out = []
+            for t in range(T):
+                codes = self.decode_one_position(h, depth_caches, sampler)  # (Bx, D)
+                out.append(codes)
+                if t + 1 < T:
+                    x = self.input_mlp(self.embed_codes(codes)).sum(dim=1) + self.pos_spatial[t]  # (Bx, C)
+                    h = self.spatial_step(x[:, None], spatial_caches, L + t)[:, 0].float()  # h_{t+1}
+        return torch.stack(out, dim=1)  # (Bx, T, D)
 
 
 def count_sampling_flops(config: RQTransformerConfig, batch_size: int, cfg: bool = False) -> int:

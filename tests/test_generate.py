@@ -1,0 +1,130 @@
+"""The two samplers of RQTransformer.generate: the reference decode (the model's blocks with KV caches) and
+the optimised one (rqvae.models.generate_fast) draw identical codes, and both reproduce the full forward
+pass's logits when fed the same codes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import rqvae.models.generate_fast as gf
+from rqvae.models.sampling import Sampler
+from rqvae.models.transformer import AR_PRESETS, RQTransformer
+
+TINY = AR_PRESETS["tiny"]  # (4, 4, 2) codes, K 16, width 32, 2 + 1 layers
+
+
+def make(cond_type: str = "class", seed: int = 0, scale: float = 0.3, **kw) -> RQTransformer:
+    torch.manual_seed(seed)
+    extra = {"text": dict(text_vocab_size=20, cond_len=3)}.get(cond_type, {})
+    cfg = replace(TINY, cond_type=cond_type, **{**extra, **kw})
+    model = RQTransformer(cfg, codebook=torch.randn(cfg.vocab_size, cfg.embed_dim))
+    with torch.no_grad():  # random (not the init's near-zero) weights: every path changes the logits
+        for p in model.parameters():
+            p.normal_(0, scale)
+    return model.eval()
+
+
+def cond_for(model: RQTransformer, B: int) -> torch.Tensor | None:
+    c = model.config
+    if c.cond_type == "class":
+        return torch.arange(B) % c.num_classes
+    if c.cond_type == "text":
+        g = torch.Generator().manual_seed(1)
+        return torch.randint(0, c.text_vocab_size, (B, c.cond_len), generator=g)
+    return None
+
+
+CASES = [("class", 1.0), ("uncond", 1.0), ("text", 1.0), ("class", 3.0), ("text", 2.0)]
+
+
+def both(model: RQTransformer, cond, B: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    out = []
+    for impl in ("reference", "fast"):
+        g = torch.Generator().manual_seed(7)
+        out.append(model.generate(cond, batch_size=B, generator=g, dtype=torch.float32, impl=impl, **kw))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("cond_type,cfg_scale", CASES)
+def test_greedy_codes_are_identical(cond_type, cfg_scale):
+    model = make(cond_type, cfg_dropout=0.1 if cfg_scale != 1.0 else 0.0)
+    ref, fast = both(model, cond_for(model, 3), 3, top_k=1, cfg_scale=cfg_scale)
+    assert ref.shape == (3, *model.config.code_shape)
+    assert torch.equal(ref, fast)
+
+
+@pytest.mark.parametrize("cond_type,cfg_scale", CASES)
+def test_seeded_sampling_draws_identical_codes(cond_type, cfg_scale):
+    model = make(cond_type, cfg_dropout=0.1 if cfg_scale != 1.0 else 0.0)
+    ref, fast = both(model, cond_for(model, 4), 4, temperature=[1.3, 0.9], top_k=[0, 8], top_p=[0.95, None],
+                     cfg_scale=cfg_scale)
+    assert torch.equal(ref, fast)
+    greedy = model.generate(cond_for(model, 4), batch_size=4, top_k=1, cfg_scale=cfg_scale,
+                            dtype=torch.float32, impl="reference")
+    assert not torch.equal(ref, greedy)  # really sampled
+
+
+class ForcedSampler(Sampler):
+    """Feeds given codes (B, T, D) instead of drawing, and records the logits each step saw."""
+
+    def __init__(self, codes: torch.Tensor, B: int) -> None:
+        super().__init__(B, [1.0], [None], [None])
+        self.codes, self.logits, self.step = codes.flatten(1, 2), [], 0  # (B, T*D)
+
+    def draw(self, logits: torch.Tensor, d: int) -> torch.Tensor:
+        self.logits.append(logits.float())
+        code = self.codes[:, self.step]
+        self.step += 1
+        return code
+
+
+@pytest.mark.parametrize("cond_type", ["class", "uncond", "text"])
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_cached_logits_equal_the_full_forward_pass(cond_type, impl):
+    model = make(cond_type)
+    B, (H, W, D) = 2, model.config.code_shape
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, model.config.vocab_size, (B, H, W, D), generator=g)
+    cond = model.check_cond(cond_for(model, B), batch_size=B)
+    forced = ForcedSampler(codes.view(B, H * W, D), B)
+    with torch.no_grad():
+        if impl == "reference":
+            got = model._generate_reference(cond, forced, torch.float32)
+        else:
+            got = gf.generate_fast(model, cond, forced, torch.float32)
+        full = model(codes, cond)  # (B, T, D, K)
+    assert torch.equal(got, codes.view(B, H * W, D))
+    cached = torch.stack(forced.logits, dim=1).view(B, H * W, D, -1)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_without_the_private_onednn_op(monkeypatch):
+    """Width 512 would take oneDNN's packed linear; with the capability check off, plain addmm runs."""
+    model = make("class", width=512, n_heads=8, code_shape=(2, 2, 2), cfg_dropout=0.1, scale=0.06)
+    cond = cond_for(model, 2)
+    with_onednn = both(model, cond, 2, top_k=4, cfg_scale=2.0)
+    monkeypatch.setattr(gf, "onednn_linear_available", lambda: False)
+    used = []
+    init = gf._Linear.__init__
+    monkeypatch.setattr(gf._Linear, "__init__",
+                        lambda self, *a, **k: (init(self, *a, **k), used.append(self.onednn))[0])
+    ref, fast = both(model, cond, 2, top_k=4, cfg_scale=2.0)
+    assert used and not any(used)
+    assert torch.equal(ref, fast) and torch.equal(fast, with_onednn[1]) and torch.equal(ref, with_onednn[0])
+
+
+def test_bf16_reference_and_fast_track_each_other():
+    model = make("class")
+    ref = model.generate(torch.arange(4), top_k=1, dtype=torch.bfloat16, impl="reference")
+    fast = model.generate(torch.arange(4), top_k=1, dtype=torch.bfloat16, impl="fast")
+    assert (ref == fast).float().mean() > 0.5  # bf16 rounding may flip near-ties, not most greedy choices
+
+
+def test_unknown_impl_is_a_user_error():
+    from rqvae.errors import UserError
+
+    with pytest.raises(UserError, match="impl"):
+        make("class").generate(torch.arange(2), impl="turbo")
