@@ -20,7 +20,6 @@ how many codes agree, and writes nothing to the docs.
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import platform
 import re
@@ -32,6 +31,7 @@ import faiss
 import numpy as np
 import torch
 
+from rqvae.data.idx import read_idx
 from rqvae.models.quantize import ResidualQuantizer
 
 DIM, DEPTH, K = 64, 4, 256
@@ -45,13 +45,6 @@ def gaussian(n_train: int, n_test: int, rng: np.random.Generator) -> tuple[np.nd
             rng.standard_normal((n_test, DIM), dtype=np.float32))
 
 
-def _idx_images(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
-
-
 def _patches(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     i = rng.integers(0, images.shape[0], n)
     y = rng.integers(0, images.shape[1] - 7, n)
@@ -63,8 +56,8 @@ def _patches(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
 
 
 def fmnist_patches(n_train: int, n_test: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    train = _idx_images(FMNIST / "train-images-idx3-ubyte.gz")
-    test = _idx_images(FMNIST / "t10k-images-idx3-ubyte.gz")
+    train = read_idx(FMNIST / "train-images-idx3-ubyte.gz")
+    test = read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")
     return _patches(train, n_train, rng), _patches(test, n_test, rng)
 
 

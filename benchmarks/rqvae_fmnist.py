@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from rqvae.data import build_image_dataset
-from rqvae.data.images import make_grid, save_image
+from rqvae.data.images import save_image
+from rqvae.eval.figures import coarse_to_fine_grid
 from rqvae.models.vae import RQVAE
 from rqvae.train.vae import TrainVAEConfig, psnr_from_mse, train_vae
 
@@ -58,11 +59,7 @@ def evaluate(model: RQVAE, images: torch.Tensor, batch_size: int = 250) -> dict:
 
 def coarse_to_fine_figure(model: RQVAE, images: torch.Tensor, path: Path) -> None:
     """Rows: originals, then reconstructions from d = 1..D codes (paper Fig. 5)."""
-    with torch.no_grad():
-        codes = model.encode(images)
-        depths = range(1, model.config.depth + 1)
-        rows = [images] + [model.decode(codes, depth=d).clamp(-1, 1) for d in depths]
-    save_image(make_grid(torch.cat(rows), nrow=images.shape[0]), path)
+    save_image(coarse_to_fine_grid(model, images), path)
 
 
 def speed_probe(batch_size: int = 8, steps: int = 2) -> str:

@@ -16,7 +16,10 @@ from PIL import Image
 
 from rqvae.cli import main
 from rqvae.errors import UserError
-from rqvae.eval import metrics
+from rqvae.eval.fid import FeatureStats, compute_stats, frechet_distance, reference_stats
+from rqvae.eval.inception import InceptionFeatures, to_uint8_range
+from rqvae.eval.is_score import ClassifierLogits, inception_score
+from rqvae.eval.tokenizer import evaluate_tokenizer
 from rqvae.models.classifier import Classifier, ClassifierConfig
 
 
@@ -30,13 +33,13 @@ def smooth_images(n: int, seed: int, size: int = 32, channels: int = 3) -> torch
 def write_pngs(folder, images: torch.Tensor) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, x in enumerate(images):
-        arr = metrics.to_uint8_range(x).to(torch.uint8).permute(1, 2, 0).numpy()
+        arr = to_uint8_range(x).to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(folder / f"{i:03d}.png")
 
 
 @pytest.fixture(scope="module")
-def net() -> metrics.InceptionFeatures:
-    return metrics.InceptionFeatures(batch_size=32)
+def net() -> InceptionFeatures:
+    return InceptionFeatures(batch_size=32)
 
 
 def test_default_network_file_and_features(net):
@@ -53,13 +56,13 @@ def test_default_network_file_and_features(net):
 @pytest.mark.slow  # FID's eigvals of a 2048x2048 product take ~20 s on one CPU core
 def test_fid_self_is_zero_and_grows_with_noise(net):
     x = smooth_images(10, seed=0)
-    ref = metrics.compute_stats([x], net)
+    ref = compute_stats([x], net)
     assert ref.count == 10 and ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048)
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(x.shape, generator=g)
     fids = []
     for sigma in (0.0, 0.15, 0.5):
-        value, stats = metrics.frechet_distance([(x + sigma * noise).clamp(-1, 1)], ref, net)
+        value, stats = frechet_distance([(x + sigma * noise).clamp(-1, 1)], ref, net)
         assert stats.count == 10 and math.isfinite(value)
         fids.append(value)
     assert abs(fids[0]) < 1e-2 * fids[1], fids  # numerical noise only
@@ -71,51 +74,51 @@ def test_reference_stats_are_cached_and_reused(net, tmp_path):
     write_pngs(folder, smooth_images(8, seed=3))
     cache = tmp_path / "cache"
     before = net.images_seen
-    s1, path1, cached1 = metrics.reference_stats(str(folder), net, 32, cache_dir=cache, batch_size=8)
+    s1, path1, cached1 = reference_stats(str(folder), net, 32, cache_dir=cache, batch_size=8)
     assert not cached1 and path1.is_file() and path1.parent == cache
     assert net.images_seen == before + 8
-    s2, path2, cached2 = metrics.reference_stats(str(folder), net, 32, cache_dir=cache, batch_size=8)
+    s2, path2, cached2 = reference_stats(str(folder), net, 32, cache_dir=cache, batch_size=8)
     assert cached2 and path2 == path1
     assert net.images_seen == before + 8  # the network did not run again
     assert torch.equal(s1.mu, s2.mu) and torch.equal(s1.sigma, s2.sigma) and s2.count == 8
     # another count is another key
-    _, path3, cached3 = metrics.reference_stats(str(folder), net, 32, count=3, cache_dir=cache, batch_size=8)
+    _, path3, cached3 = reference_stats(str(folder), net, 32, count=3, cache_dir=cache, batch_size=8)
     assert not cached3 and path3 != path1 and net.images_seen == before + 11
     # a changed dataset gets new statistics
     write_pngs(tmp_path / "ref_more", smooth_images(1, seed=9))
     (tmp_path / "ref_more" / "000.png").rename(folder / "extra.png")
-    _, path4, cached4 = metrics.reference_stats(str(folder), net, 32, cache_dir=cache, batch_size=9)
+    _, path4, cached4 = reference_stats(str(folder), net, 32, cache_dir=cache, batch_size=9)
     assert not cached4 and path4 != path1
 
 
 def test_stats_file_round_trip_and_errors(net, tmp_path):
-    stats = metrics.FeatureStats(torch.randn(2048).double(), torch.eye(2048).double(), 5)
+    stats = FeatureStats(torch.randn(2048).double(), torch.eye(2048).double(), 5)
     path = stats.save(tmp_path / "s.safetensors", {"network_sha256": net.sha256})
-    back, meta = metrics.FeatureStats.load(path)
+    back, meta = FeatureStats.load(path)
     assert torch.equal(back.mu, stats.mu) and back.count == 5 and meta["network_sha256"] == net.sha256
-    got, _, cached = metrics.reference_stats(str(path), net, 32)
+    got, _, cached = reference_stats(str(path), net, 32)
     assert cached and torch.equal(got.sigma, stats.sigma)
     other = stats.save(tmp_path / "o.safetensors", {"network_sha256": "0" * 64})
     with pytest.raises(UserError, match="another Inception network"):
-        metrics.reference_stats(str(other), net, 32)
+        reference_stats(str(other), net, 32)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a safetensors"):
-        metrics.FeatureStats.load(tmp_path / "bad.safetensors")
+        FeatureStats.load(tmp_path / "bad.safetensors")
 
 
 def test_bad_inception_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        metrics.InceptionFeatures(tmp_path / "missing.pt")
+        InceptionFeatures(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a TorchScript"):
-        metrics.InceptionFeatures(tmp_path / "junk.pt")
+        InceptionFeatures(tmp_path / "junk.pt")
 
 
 def test_inception_score_with_classifier_logits():
     torch.manual_seed(0)
     clf = Classifier(ClassifierConfig(in_channels=1, num_classes=10, width=8, image_size=32))
     x = smooth_images(40, seed=4, channels=1)
-    mean, std = metrics.inception_score([x[:20], x[20:]], metrics.ClassifierLogits(clf), splits=4)
+    mean, std = inception_score([x[:20], x[20:]], ClassifierLogits(clf), splits=4)
     assert math.isfinite(mean) and mean >= 1.0 and math.isfinite(std)
     # a logits network that is certain and uniform over classes gives the maximum, K
     eye = torch.eye(10).repeat(4, 1) * 50.0  # (40, 10)
@@ -124,10 +127,10 @@ def test_inception_score_with_classifier_logits():
         def forward(self, images):
             return eye[: images.shape[0]]
 
-    mean_max, _ = metrics.inception_score([x], Fixed(), splits=1)
+    mean_max, _ = inception_score([x], Fixed(), splits=1)
     assert mean_max == pytest.approx(10.0, rel=1e-3)
     with pytest.raises(UserError, match="at least 10 images"):
-        metrics.inception_score([x[:5]], metrics.ClassifierLogits(clf), splits=10)
+        inception_score([x[:5]], ClassifierLogits(clf), splits=10)
 
 
 def _tiny_vae(tmp_path):
@@ -147,7 +150,7 @@ def test_evaluate_tokenizer_rfid_recon_and_cache(net, tmp_path):
     write_pngs(data, smooth_images(5, seed=5, channels=1))
     before = net.images_seen
     cache = tmp_path / "c"
-    r1 = metrics.evaluate_tokenizer(vae, str(data), split="test", batch_size=8, net=net, cache_dir=cache)
+    r1 = evaluate_tokenizer(vae, str(data), split="test", batch_size=8, net=net, cache_dir=cache)
     assert net.images_seen == before + 10  # originals + reconstructions
     assert r1["num_images"] == 5 and not r1["reference_cached"]
     assert math.isfinite(r1["rfid"]) and r1["rfid"] > 0
@@ -156,13 +159,13 @@ def test_evaluate_tokenizer_rfid_recon_and_cache(net, tmp_path):
         assert d["mse"] > 0 and math.isfinite(d["psnr"]) and -1 <= d["ssim"] <= 1
         assert d["psnr"] == pytest.approx(float(np.mean(10 * np.log10(4.0 / np.array([d["mse"]])))), abs=3.0)
     assert len(r1["code_usage"]["used"]) == 4 and all(1 <= u <= 64 for u in r1["code_usage"]["used"])
-    r2 = metrics.evaluate_tokenizer(vae, str(data), split="test", batch_size=8, net=net, cache_dir=cache,
+    r2 = evaluate_tokenizer(vae, str(data), split="test", batch_size=8, net=net, cache_dir=cache,
                                     depths=[4])
     assert r2["reference_cached"] and net.images_seen == before + 15  # only the reconstructions this time
     assert r2["rfid"] == pytest.approx(r1["rfid"], rel=1e-6, abs=1e-6)
     assert r2["per_depth"][0] == pytest.approx(r1["per_depth"][3])
     with pytest.raises(UserError, match="depths"):
-        metrics.evaluate_tokenizer(vae, str(data), depths=[5], rfid=False)
+        evaluate_tokenizer(vae, str(data), depths=[5], rfid=False)
 
 
 @pytest.mark.slow  # FID's eigvals of a 2048x2048 product take ~20 s on one CPU core

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rqvae.demo.pipeline import DemoConfig, run_demo
+from rqvae.demo.config import DemoConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rqvae.demo.pipeline import run_demo  # torch and the trainers: start-up time of the CLI
+
     cfg = DemoConfig(out=args.out, data=args.data, image_size=args.image_size, channels=args.channels,
                      vae_steps=args.vae_steps, ar_steps=args.ar_steps,
                      classifier_steps=args.classifier_steps, eval_samples=args.eval_samples,

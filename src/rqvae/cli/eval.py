@@ -18,8 +18,9 @@ EPILOG = """examples:
   rqvae eval --rfid --recon --model run/model --data fmnist --split test --count 2000
   rqvae eval --accuracy samples/ --is samples/ --classifier clf/   class-conditional samples in
                                                                   sub-folders named by class id or name
-Reference statistics are cached (default $RQVAE_CACHE/fid_stats or ~/.cache/rqvae/fid_stats), keyed by
-the data spec, split, image size, count, a fingerprint of the files and the Inception file's hash.
+Reference statistics are cached (default $RQVAE_CACHE/fid_stats, else $XDG_CACHE_HOME/rqvae/fid_stats
+or ~/.cache/rqvae/fid_stats), keyed by the data spec, split, image size, count, a fingerprint of the files
+and the Inception file's hash.
 The bundled FID InceptionV3 has no logits layer, so --is is an in-domain score from --classifier."""
 
 
@@ -108,11 +109,7 @@ def _class_ids(ds: Any, classifier: Any, folder: str) -> dict[int, int]:
     return mapping
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from rqvae.eval import metrics
-
+def _check_args(args: argparse.Namespace) -> None:
     if not (args.fid or args.ref or args.rfid or args.recon or args.accuracy or args.is_dir):
         raise UserError("nothing to evaluate; pass --fid GEN_DIR --ref REF, --rfid/--recon --model VAE_DIR "
                         "--data SPEC, or --accuracy/--is GEN_DIR --classifier CLS_DIR (see --help)")
@@ -127,74 +124,96 @@ def run(args: argparse.Namespace) -> int:
     for folder in (args.fid, args.accuracy, args.is_dir):  # before any slow reference pass
         if folder and not Path(folder).is_dir():
             raise UserError(f"{folder} is not a folder of generated images")
+
+
+def _reference_and_fid(args: argparse.Namespace, net: Any, results: dict[str, Any]) -> None:
+    from rqvae.eval.batches import dataset_batches, progress_bar, subset_indices  # torch: start-up time
+    from rqvae.eval.fid import frechet_distance, reference_stats
+
     progress = not args.no_progress
+    size = args.image_size or (_first_image_size(args.fid) if args.fid else None)
+    if size is None and not args.ref.endswith(".safetensors"):
+        raise UserError("pass --image-size (the size the reference images are prepared at) or "
+                        "--fid GEN_DIR")
+    ref, ref_path, cached = reference_stats(args.ref, net, size or 0, 3, args.ref_split, args.ref_count,
+                                            args.batch_size, args.cache_dir, args.seed, progress)
+    results["reference"] = {"ref": args.ref, "count": ref.count, "stats": str(ref_path), "cached": cached}
+    if args.save_stats:
+        ref.save(args.save_stats, {"network_sha256": net.sha256, "ref": args.ref, "split": args.ref_split,
+                                   "image_size": size})
+        results["reference"]["saved"] = args.save_stats
+    if args.fid:
+        ds = _gen_dataset(args.fid, size, 3)
+        n = len(subset_indices(len(ds), args.count, args.seed))
+        batches = dataset_batches(ds, args.batch_size, args.count, args.seed)
+        value, gen = frechet_distance(progress_bar(batches, -(-n // args.batch_size), "generated", progress),
+                                      ref, net)
+        results["fid"] = {"fid": value, "generated": args.fid, "num_generated": gen.count,
+                          "num_reference": ref.count, "image_size": size}
+
+
+def _tokenizer(args: argparse.Namespace, net: Any) -> dict[str, Any]:
+    from rqvae.eval.tokenizer import evaluate_tokenizer  # torch: start-up time
+    from rqvae.models.vae import RQVAE
+
+    vae = RQVAE.from_pretrained(args.model, map_location=args.device)
+    depths = None
+    if args.depths:
+        try:
+            depths = [int(d) for d in args.depths.split(",") if d.strip()]
+        except ValueError:
+            raise UserError(f"--depths must be comma-separated integers, got {args.depths!r}") from None
+    out = evaluate_tokenizer(vae, args.data, split=args.split, count=args.count, batch_size=args.batch_size,
+                             depths=depths, rfid=args.rfid, recon=args.recon, net=net,
+                             cache_dir=args.cache_dir, seed=args.seed, progress=not args.no_progress,
+                             device=args.device)
+    return {**out, "model": args.model}
+
+
+def _classifier(args: argparse.Namespace) -> dict[str, Any]:
+    import torch  # start-up time of the CLI
+
+    from rqvae.eval.batches import dataset_batches
+    from rqvae.eval.is_score import ClassifierLogits, inception_score
+    from rqvae.models.classifier import Classifier, classifier_accuracy
+
+    clf = Classifier.from_pretrained(args.classifier, map_location=args.device)
+    size = clf.config.image_size
+    out: dict[str, Any] = {"classifier": args.classifier}
+    if args.accuracy:
+        ds = _gen_dataset(args.accuracy, size, clf.config.in_channels)
+        mapping = _class_ids(ds, clf, args.accuracy)
+        images, labels = [], []
+        for x, y in dataset_batches(ds, 256, args.count, args.seed, with_labels=True):
+            images.append(x)
+            labels.append(torch.tensor([mapping[int(v)] for v in y]))
+        out["accuracy"] = classifier_accuracy(torch.cat(images), torch.cat(labels), clf)
+        out["num_samples"] = sum(len(y) for y in labels)
+    if args.is_dir:
+        ds = _gen_dataset(args.is_dir, size, clf.config.in_channels)
+        mean, std = inception_score(dataset_batches(ds, 256, args.count, args.seed), ClassifierLogits(clf),
+                                    args.is_splits, args.seed)
+        out["classifier_score"] = mean
+        out["classifier_score_std"] = std
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from rqvae.eval.inception import InceptionFeatures  # torch: start-up time of the CLI
+    from rqvae.eval.table import format_table
+
+    _check_args(args)
     results: dict[str, Any] = {}
     net = None
     if args.fid or args.ref or args.rfid:
-        net = metrics.InceptionFeatures(args.inception, batch_size=args.batch_size, device=args.device)
-
+        net = InceptionFeatures(args.inception, batch_size=args.batch_size, device=args.device)
     if args.ref:
-        size = args.image_size or (_first_image_size(args.fid) if args.fid else None)
-        if size is None and not args.ref.endswith(".safetensors"):
-            raise UserError("pass --image-size (the size the reference images are prepared at) or "
-                            "--fid GEN_DIR")
-        ref, ref_path, cached = metrics.reference_stats(args.ref, net, size or 0, 3, args.ref_split,
-                                                        args.ref_count, args.batch_size, args.cache_dir,
-                                                        args.seed, progress)
-        results["reference"] = {"ref": args.ref, "count": ref.count, "stats": str(ref_path), "cached": cached}
-        if args.save_stats:
-            ref.save(args.save_stats, {"network_sha256": net.sha256, "ref": args.ref, "split": args.ref_split,
-                                       "image_size": size})
-            results["reference"]["saved"] = args.save_stats
-        if args.fid:
-            ds = _gen_dataset(args.fid, size, 3)
-            n = len(metrics.subset_indices(len(ds), args.count, args.seed))
-            batches = metrics.dataset_batches(ds, args.batch_size, args.count, args.seed)
-            value, gen = metrics.frechet_distance(metrics.progress_bar(batches, -(-n // args.batch_size),
-                                                                    "generated", progress), ref, net)
-            results["fid"] = {"fid": value, "generated": args.fid, "num_generated": gen.count,
-                              "num_reference": ref.count, "image_size": size}
-
+        _reference_and_fid(args, net, results)
     if args.rfid or args.recon:
-        from rqvae.models.vae import RQVAE
-
-        vae = RQVAE.from_pretrained(args.model, map_location=args.device)
-        depths = None
-        if args.depths:
-            try:
-                depths = [int(d) for d in args.depths.split(",") if d.strip()]
-            except ValueError:
-                raise UserError(f"--depths must be comma-separated integers, got {args.depths!r}") from None
-        results["tokenizer"] = metrics.evaluate_tokenizer(
-            vae, args.data, split=args.split, count=args.count, batch_size=args.batch_size, depths=depths,
-            rfid=args.rfid, recon=args.recon, net=net, cache_dir=args.cache_dir, seed=args.seed,
-            progress=progress, device=args.device)
-        results["tokenizer"]["model"] = args.model
-
+        results["tokenizer"] = _tokenizer(args, net)
     if args.accuracy or args.is_dir:
-        from rqvae.models.classifier import Classifier, classifier_accuracy
-
-        clf = Classifier.from_pretrained(args.classifier, map_location=args.device)
-        size = clf.config.image_size
-        out: dict[str, Any] = {"classifier": args.classifier}
-        if args.accuracy:
-            ds = _gen_dataset(args.accuracy, size, clf.config.in_channels)
-            mapping = _class_ids(ds, clf, args.accuracy)
-            images, labels = [], []
-            for x, y in metrics.dataset_batches(ds, 256, args.count, args.seed, with_labels=True):
-                images.append(x)
-                labels.append(torch.tensor([mapping[int(v)] for v in y]))
-            out["accuracy"] = classifier_accuracy(torch.cat(images), torch.cat(labels), clf)
-            out["num_samples"] = sum(len(y) for y in labels)
-        if args.is_dir:
-            ds = _gen_dataset(args.is_dir, size, clf.config.in_channels)
-            mean, std = metrics.inception_score(metrics.dataset_batches(ds, 256, args.count, args.seed),
-                                                metrics.ClassifierLogits(clf), args.is_splits, args.seed)
-            out["classifier_score"] = mean
-            out["classifier_score_std"] = std
-        results["classifier"] = out
-
-    print(metrics.format_table(results))
+        results["classifier"] = _classifier(args)
+    print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -34,6 +34,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rqvae import distributed as dist
+from rqvae.data.cache import cache_dir as cache_dir_for
+from rqvae.data.cache import data_fingerprint, dataset_files, dataset_length  # noqa: F401  dataset_files: API
+from rqvae.data.loader import collate
 from rqvae.errors import UserError
 
 FEATURES_NAME = "features.safetensors"
@@ -42,66 +45,12 @@ CAPTIONS_NAME = "captions.json"
 CACHE_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    """``$RQVAE_CACHE/features``, else ``$XDG_CACHE_HOME/rqvae/features`` or ``~/.cache/rqvae/features``."""
-    if os.environ.get("RQVAE_CACHE"):
-        return Path(os.environ["RQVAE_CACHE"]) / "features"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rqvae" / "features"
-
-
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def dataset_files(ds: Any) -> list[str] | None:
-    """The image files behind a dataset, in item order, when the dataset lists them
-    (``ImageFolderDataset.samples`` holds (path, label) pairs)."""
-    samples = getattr(ds, "samples", None)
-    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
-        return [str(s[0]) for s in samples]
-    for name in ("paths", "files", "image_paths"):
-        files = getattr(ds, name, None)
-        if files is not None and not callable(files):
-            return [str(p) for p in files]
-    return None
-
-
-def dataset_fingerprint(ds: Any) -> str:
-    """A hash of the dataset's content: (path, size, mtime) per file for folders and shards, the pixel
-    bytes for in-memory tensors (Fashion-MNIST, tests), else only its length."""
-    h = hashlib.sha256()
-    files = dataset_files(ds)
-    if files is None and isinstance(getattr(ds, "shards", None), list):
-        files = [str(p) for p in ds.shards]
-    images = getattr(ds, "images", None)
-    if files is not None:
-        for p in files:
-            try:
-                st = os.stat(p)
-                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p}\0missing\n".encode())
-    elif isinstance(images, torch.Tensor):
-        h.update(str(tuple(images.shape)).encode())
-        h.update(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    else:
-        h.update(f"len={_length(ds)}".encode())
-    labels = getattr(ds, "labels", None)
-    if isinstance(labels, torch.Tensor):
-        h.update(labels.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _length(ds: Any) -> int | None:
-    try:
-        return len(ds)
-    except TypeError:  # a streamed (WebDataset) source
-        return None
 
 
 @dataclass
@@ -137,8 +86,8 @@ def _cache_meta(vae_dir: str | os.PathLike, data_spec: str, split: str, image_si
         "split": split,
         "image_size": int(image_size),
         "channels": int(channels),
-        "num_images": _length(ds),
-        "dataset_fingerprint": dataset_fingerprint(ds),
+        "num_images": dataset_length(ds),
+        "dataset_fingerprint": data_fingerprint(ds),
         "augmentation": "hflip" if flip else "none",
         "captions_sha256": None if captions is None else
         hashlib.sha256("\0".join(captions).encode()).hexdigest(),
@@ -164,8 +113,6 @@ def _loader(ds: Any, batch_size: int):
 
     if not isinstance(ds, IterableDataset) and not hasattr(ds, "__getitem__"):
         raise UserError("the dataset can be neither indexed nor iterated; build it with rqvae.data")
-    from rqvae.data import collate  # also passes through batches from a dataset's __getitems__
-
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, drop_last=False,
                       collate_fn=collate)
 
@@ -179,12 +126,12 @@ def compute_features(vae: torch.nn.Module, ds: Any, batch_size: int = 64, flip: 
     lat: list[torch.Tensor] = []
     lat_flip: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    if _length(ds) is None and dist.get_world_size() > 1:
+    if dataset_length(ds) is None and dist.get_world_size() > 1:
         raise UserError("a streamed (WebDataset) source is sharded by rank, so its feature cache must be "
                         "built by a single process: run train-ar once without torchrun with --steps 0 first")
     device = torch.device(device)
     use_amp = bf16 and device.type in ("cpu", "cuda")
-    bar = tqdm(total=_length(ds), desc="caching encoder features", unit="img", disable=not progress,
+    bar = tqdm(total=dataset_length(ds), desc="caching encoder features", unit="img", disable=not progress,
                dynamic_ncols=True)
     for batch in _loader(ds, batch_size):
         images = batch["image"].to(device)  # (B, C, S, S) in [-1, 1]
@@ -219,9 +166,9 @@ def load_or_build_features(vae: torch.nn.Module, vae_dir: str | os.PathLike, ds:
     The cache folder is written under a temporary name and renamed into place, so an interrupted
     run never leaves a half-written cache behind.
     """
-    if captions is not None and _length(ds) is not None and len(captions) != len(ds):
+    if captions is not None and dataset_length(ds) is not None and len(captions) != len(ds):
         raise UserError(f"got {len(captions)} captions for {len(ds)} images; give one caption per image")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = cache_dir_for("features", cache_dir)
     meta = _cache_meta(vae_dir, data_spec, split, image_size, channels, ds, flip, captions)
     folder = cache_dir / cache_key(meta)
     if dist.is_main() and not (folder / META_NAME).is_file():

@@ -1,0 +1,196 @@
+"""The experiments: one function per piece of work (a tokenizer of Table 4, an arm of Table 2's ablation),
+each returning its result row; plus the classifier that scores Table 2 and the Figure 5 image.
+
+Pieces run in worker processes (:mod:`claims.pool`), so each function takes only picklable arguments and
+loads what it needs."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from claims.store import save, training_seconds
+from rqvae.data.build import build_image_dataset
+from rqvae.data.images import save_image
+from rqvae.demo.config import DEMO_AR_MODEL, DemoConfig
+from rqvae.demo.stages import generate_images
+from rqvae.eval.fid import fid
+from rqvae.eval.figures import coarse_to_fine_grid
+from rqvae.eval.inception import InceptionFeatures
+from rqvae.eval.tokenizer import evaluate_tokenizer
+from rqvae.models.classifier import (
+    Classifier,
+    ClassifierConfig,
+    classifier_accuracy,
+    evaluate_dataset,
+    train_classifier,
+)
+from rqvae.models.transformer import RQTransformer
+from rqvae.models.vae import RQVAE
+from rqvae.train.ar import TrainARConfig, train_ar
+from rqvae.train.vae import TrainVAEConfig, train_vae
+
+# name -> (RQVAEConfig overrides of the fmnist32-8x8x4 preset, label in the table)
+TOKENIZERS = {
+    "vq-8x8x1-K256": (dict(codebook_size=256, depth=1), "VQ 8x8x1, K=256"),
+    "vq-8x8x1-K1024": (dict(codebook_size=1024, depth=1), "VQ 8x8x1, K=1024"),
+    "vq-8x8x1-K4096": (dict(codebook_size=4096, depth=1), "VQ 8x8x1, K=4096"),
+    "vq-16x16x1-K256": (dict(codebook_size=256, depth=1, ch_mult=(1, 2)), "VQ 16x16x1, K=256"),
+    "rq-8x8x2-K256": (dict(codebook_size=256, depth=2), "RQ 8x8x2, K=256"),
+    "rq-8x8x4-K256": (dict(codebook_size=256, depth=4), "RQ 8x8x4, K=256"),
+    "rq-8x8x8-K256": (dict(codebook_size=256, depth=8), "RQ 8x8x8, K=256"),
+}
+ABLATION = {
+    "soft+stochastic": dict(soft_labels=True, stochastic=True),
+    "hard+greedy": dict(soft_labels=False, stochastic=False),
+}
+
+
+@functools.cache
+def inception() -> InceptionFeatures:
+    """The FID network, loaded once per process."""
+    return InceptionFeatures()
+
+
+def train_tokenizer(name: str, overrides: dict, args: argparse.Namespace, out: Path):
+    run = out / "vae" / name
+    if (run / "model" / "config.json").is_file():
+        return RQVAE.from_pretrained(run / "model")
+    cfg = TrainVAEConfig(
+        data=args.data,
+        run_dir=str(run),
+        preset="fmnist32-8x8x4",
+        model=dict(overrides),
+        batch_size=args.batch_size,
+        steps=args.vae_steps,
+        seed=args.seed,
+        checkpoint_every=max(1, args.vae_steps // 2),
+        log_every=50,
+        sample_every=0,
+        resume=(run / "checkpoints").is_dir(),
+        disc_start=args.vae_steps // 2,
+        progress=args.progress,
+        tensorboard=False,
+    )
+    return train_vae(cfg)
+
+
+def table4_row(name: str, args: argparse.Namespace, out: Path) -> dict:
+    """Train (or reuse) one tokenizer of Table 4 and score it on the test split."""
+    overrides, label = TOKENIZERS[name]
+    t = time.time()
+    vae = train_tokenizer(name, overrides, args, out).eval()
+    train_s = training_seconds(out / "vae" / name, time.time() - t)
+    ev = evaluate_tokenizer(
+        vae,
+        args.data,
+        split="test",
+        count=args.eval_images,
+        net=inception(),
+        cache_dir=out / "cache",
+        progress=args.progress,
+    )
+    full = ev["per_depth"][-1]
+    h, w, d = vae.code_shape()
+    return {
+        "label": label,
+        "code_shape": [h, w, d],
+        "codebook_size": vae.config.codebook_size,
+        "rfid": ev["rfid"],
+        "psnr": full["psnr"],
+        "ssim": full["ssim"],
+        "psnr_per_depth": [r["psnr"] for r in ev["per_depth"]],
+        "codes_used": ev["code_usage"]["used"],
+        "perplexity": ev["code_usage"]["perplexity"],
+        "params": sum(p.numel() for p in vae.parameters()),
+        "train_seconds": round(train_s, 1),
+        "eval_images": ev["num_images"],
+    }
+
+
+def _train_ar(name: str, args: argparse.Namespace, out: Path, vae_dir: Path) -> RQTransformer:
+    run = out / "ar" / name
+    if (run / "model" / "config.json").is_file():
+        return RQTransformer.from_pretrained(run / "model")
+    return train_ar(
+        TrainARConfig(
+            vae=str(vae_dir),
+            data=args.data,
+            run_dir=str(run),
+            cond="class",
+            preset="fmnist-small",
+            model=dict(DEMO_AR_MODEL),
+            steps=args.ar_steps,
+            batch_size=args.batch_size,
+            checkpoint_every=max(1, args.ar_steps // 2),
+            sample_every=0,
+            seed=args.seed,
+            resume=(run / "checkpoints").is_dir(),
+            feature_cache=str(out / "cache"),
+            progress=args.progress,
+            tensorboard=False,
+            **ABLATION[name],
+        )
+    )
+
+
+def table2_row(name: str, args: argparse.Namespace, out: Path) -> dict:
+    """Train (or reuse) one arm of Table 2's ablation; FID and classifier accuracy of its samples."""
+    vae_dir = out / "vae" / "rq-8x8x4-K256" / "model"
+    vae = RQVAE.from_pretrained(vae_dir).eval()
+    clf = Classifier.from_pretrained(out / "classifier").eval()
+    t = time.time()
+    ar = _train_ar(name, args, out, vae_dir)
+    train_s = time.time() - t
+    ar.eval()
+    labels = torch.arange(args.samples) % ar.config.num_classes
+    samples = generate_images(ar, vae, labels, DemoConfig(seed=args.seed))
+    res = fid(
+        [samples[i : i + 50] for i in range(0, len(samples), 50)],
+        args.data,
+        inception(),
+        image_size=32,
+        split="test",
+        ref_count=args.eval_images,
+        cache_dir=out / "cache",
+    )
+    return {
+        "fid": res["fid"],
+        "accuracy": classifier_accuracy(samples, labels, clf),
+        "samples": len(samples),
+        "reference_images": res["num_reference"],
+        "train_seconds": round(train_s, 1),
+        **ABLATION[name],
+    }
+
+
+def figure5(out: Path, docs_img: Path, args: argparse.Namespace) -> Path:
+    vae = RQVAE.from_pretrained(out / "vae" / "rq-8x8x4-K256" / "model").eval()
+    test = build_image_dataset(args.data, 32, 1, split="test")
+    images = torch.stack([test[i]["image"] for i in range(10)])
+    return save_image(coarse_to_fine_grid(vae, images), docs_img / "paper_claims_fig5.png")
+
+
+def classifier(args: argparse.Namespace, out: Path, results: dict) -> None:
+    """The in-domain classifier that scores Table 2's samples (trained once, reused)."""
+    clf_dir = out / "classifier"
+    if (clf_dir / "config.json").is_file():
+        clf = Classifier.from_pretrained(clf_dir)
+    else:
+        train = build_image_dataset(args.data, 32, 1, split="train", augment=True)
+        torch.manual_seed(args.seed)
+        clf = Classifier(
+            ClassifierConfig(
+                in_channels=1, num_classes=train.num_classes, class_names=tuple(train.class_names)
+            )
+        )
+        train_classifier(clf, train, steps=args.classifier_steps, seed=args.seed, progress=args.progress)
+        clf.save_pretrained(clf_dir)
+    results["classifier_test_accuracy"] = evaluate_dataset(
+        clf.eval(), build_image_dataset(args.data, 32, 1, "test")
+    )
+    save(out / "results.json", results)
