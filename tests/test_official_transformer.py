@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 from rqvae.errors import UserError
 from rqvae.models.transformer import RQTransformer
+from rqvae.official.load import load_official
 from rqvae.official.transformer import (
     convert_official_rqtransformer,
     convert_official_rqtransformer_dir,
     load_codebook,
 )
-from rqvae.official.vae import load_official
+from rqvae.official.vae import convert_official_rqvae
 
 DATA = Path(__file__).parent / "data" / "official"
 VAE = DATA / "rqvae_tiny"
@@ -56,8 +57,6 @@ def test_convert_dir_and_roundtrip_through_our_format(tmp_path, codebook):
         torch.testing.assert_close(loaded(io["codes"], io["cond"]).flatten(), io["logits"].flatten(),
                                    atol=1e-5, rtol=0)
     # the codebook of our own converted RQ-VAE folder works the same way
-    from rqvae.official.vae import convert_official_rqvae
-
     convert_official_rqvae(*load_official(VAE)).save_pretrained(tmp_path / "vae")
     assert torch.equal(load_codebook(tmp_path / "vae"), codebook)
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from rqvae.cli import main
 from rqvae.errors import UserError
 from rqvae.models.vae import RQVAE
-from rqvae.official.vae import convert_official_rqvae, load_official, rqvae_config_from_official
+from rqvae.official.load import load_official
+from rqvae.official.vae import convert_official_rqvae, rqvae_config_from_official
 
 SRC = Path(__file__).parent / "data" / "official" / "rqvae_tiny"
 # The float64 model matches the official float32 outputs to 1e-5; in float32 our own rounding adds up to

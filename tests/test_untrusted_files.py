@@ -45,7 +45,7 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, legacy):
 
 
 def test_official_reader_refuses_crafted_pickle(tmp_path):
-    official = pytest.importorskip("rqvae.official.vae")
+    official = pytest.importorskip("rqvae.official.load")
     src, marker = tmp_path / "ckpt", tmp_path / "pwned"
     src.mkdir()
     shutil.copy(FIXTURES / "rqvae_tiny" / "config.yaml", src / "config.yaml")

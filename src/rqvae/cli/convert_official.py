@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from rqvae.official.vae import WEIGHT_CHOICES
+from rqvae.official.load import WEIGHT_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.official.vae import convert_official
+    from rqvae.official.convert import convert_official  # torch and the models: only when run
 
     out = convert_official(args.src, args.dst, weights=args.weights, vae_dir=args.vae)
     print(f"wrote {out}")

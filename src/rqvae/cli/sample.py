@@ -58,14 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_vae(path: str | Path):
     """Our RQ-VAE folder, or an official one (model.pt + config.yaml, converted in memory)."""
-    path = Path(path)
-    if (path / "config.yaml").is_file() and (path / "model.pt").is_file():
-        from rqvae.official.vae import convert_official_rqvae, load_official
+    from rqvae.official.vae import load_rqvae  # the models: only when a command runs (fast --help)
 
-        return convert_official_rqvae(*load_official(path))
-    from rqvae.models.vae import RQVAE
-
-    return RQVAE.from_pretrained(path)
+    return load_rqvae(path)
 
 
 def check_pair(model, vae) -> None:

@@ -18,7 +18,6 @@ applied after the cumulative sum over depth.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +25,8 @@ import torch
 from rqvae.errors import UserError
 from rqvae.models.hub import load_state_dict_checked
 from rqvae.models.transformer import RQTransformer, RQTransformerConfig
+from rqvae.official.load import check_supported, load_official
+from rqvae.official.vae import load_rqvae
 
 # official arch options and the only values our model implements
 _REQUIRED = {"input_emb_vqvae": True, "head_emb_vqvae": True, "cumsum_depth_ctx": True,
@@ -33,12 +34,6 @@ _REQUIRED = {"input_emb_vqvae": True, "head_emb_vqvae": True, "cumsum_depth_ctx"
              "use_padding_emb": False,
              "ar_hierarchy": None}
 _BLOCK_REQUIRED = {"mlp_bias": True, "attn_bias": True, "gelu": "v1"}
-
-
-def _check(what: str, value: Any, want: Any) -> None:
-    if value != want:
-        raise UserError(f"official config {what}={value!r} is not supported (only {want!r}); "
-                        "this checkpoint cannot be converted")
 
 
 def rqtransformer_config_from_official(arch: dict[str, Any], state_dict: dict[str, torch.Tensor]
@@ -51,16 +46,16 @@ def rqtransformer_config_from_official(arch: dict[str, Any], state_dict: dict[st
     if arch.get("type") != "rq-transformer":
         raise UserError(f"arch.type is {arch.get('type')!r}, not 'rq-transformer'")
     for k, want in _REQUIRED.items():
-        _check(k, arch.get(k, want), want)
+        check_supported(k, arch.get(k, want), want)
     try:
         H, W, D = (int(s) for s in arch["block_size"])
         body, head = arch["body"], arch["head"]
         for name, part in (("body", body), ("head", head)):
             for k, want in _BLOCK_REQUIRED.items():
-                _check(f"{name}.block.{k}", part["block"].get(k, want), want)
-            _check(f"{name}.block.embed_dim", part["block"]["embed_dim"], arch["embed_dim"])
-        _check("head.block.n_head", head["block"]["n_head"], body["block"]["n_head"])
-        _check("head.block.resid_pdrop", head["block"]["resid_pdrop"], body["block"]["resid_pdrop"])
+                check_supported(f"{name}.block.{k}", part["block"].get(k, want), want)
+            check_supported(f"{name}.block.embed_dim", part["block"]["embed_dim"], arch["embed_dim"])
+        check_supported("head.block.n_head", head["block"]["n_head"], body["block"]["n_head"])
+        check_supported("head.block.resid_pdrop", head["block"]["resid_pdrop"], body["block"]["resid_pdrop"])
         n_cond, cond_len = int(arch["vocab_size_cond"]), int(arch["block_size_cond"])
         if any(k.startswith("cond_classifier.") for k in state_dict):
             cond = dict(cond_type="text", num_classes=1, text_vocab_size=n_cond, cond_len=cond_len)
@@ -137,24 +132,12 @@ def _as_shared_codebook(codebook: torch.Tensor, vocab_size: int) -> torch.Tensor
 def load_codebook(vae_dir: str | os.PathLike) -> torch.Tensor:
     """The shared codebook (K, n_z) of an RQ-VAE folder: ours (config.json + model.safetensors) or an
     official one (model.pt + config.yaml)."""
-    path = Path(vae_dir)
-    if (path / "config.yaml").is_file() and (path / "model.pt").is_file():
-        from rqvae.official.vae import convert_official_rqvae, load_official
-
-        state, arch = load_official(path)
-        vae = convert_official_rqvae(state, arch)
-    else:
-        from rqvae.models.vae import RQVAE
-
-        vae = RQVAE.from_pretrained(path)
-    cb = vae.quantizer.codebook.detach()  # (n_books, K, n_z)
+    cb = load_rqvae(vae_dir).quantizer.codebook.detach()  # (n_books, K, n_z)
     return _as_shared_codebook(cb, cb.shape[1])
 
 
 def convert_official_rqtransformer_dir(src_dir: str | os.PathLike, vae_dir: str | os.PathLike,
                                        weights: str = "auto") -> RQTransformer:
     """Read an official stage-2 folder and its paired RQ-VAE folder -> RQTransformer."""
-    from rqvae.official.vae import load_official
-
     state, arch = load_official(src_dir, weights)
     return convert_official_rqtransformer(state, arch, load_codebook(vae_dir))

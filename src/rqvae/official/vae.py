@@ -1,13 +1,10 @@
-"""Reading checkpoints in the official layout (kakaobrain/rq-vae-transformer) and converting RQ-VAEs.
+"""Converting official (kakaobrain/rq-vae-transformer) RQ-VAE checkpoints into :class:`RQVAE`.
 
-An official checkpoint folder holds ``model.pt`` (``{"epoch", "state_dict"[, "state_dict_ema"]}``, only
-tensors, read with ``weights_only=True``) and ``config.yaml`` whose ``arch`` section describes the model
-(``arch.type`` is ``rq-vae`` or ``rq-transformer``).
-
-For the RQ-VAE, the encoder/decoder/quant_conv/post_quant_conv tensors keep their names.  The official
-quantizer stores, per depth d, ``quantizer.codebooks.{d}.weight`` with K + 1 rows (the last row is a padding
-vector that quantization never selects; dropped here), ``cluster_size_ema`` (K) and ``embed_ema`` (K, n_z);
-with a shared codebook all depths hold the same tensors.  They become our quantizer's buffers ``codebook``
+Official folders are read by :mod:`rqvae.official.load`. The encoder/decoder/quant_conv/post_quant_conv
+tensors keep their names.  The official quantizer stores, per depth d, ``quantizer.codebooks.{d}.weight``
+with K + 1 rows (the last row is a padding vector that quantization never selects; dropped here),
+``cluster_size_ema`` (K) and ``embed_ema`` (K, n_z); with a shared codebook all depths hold the same
+tensors.  They become our quantizer's buffers ``codebook``
 (n_books, K, n_z), ``ema_count`` (n_books, K) and ``ema_sum`` (n_books, K, n_z).
 """
 
@@ -18,14 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from rqvae.errors import UserError
 from rqvae.models.hub import load_state_dict_checked
 from rqvae.models.vae import RQVAE, RQVAEConfig
-from rqvae.train.checkpoint import load_torch_file_safely
-
-WEIGHT_CHOICES = ("auto", "ema", "raw")
+from rqvae.official.load import check_supported, is_official_folder, load_official
 
 # ddconfig fields we map, and the values we require for fields whose other values we do not implement
 _DDCONFIG_FIELDS = {"double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
@@ -34,53 +28,6 @@ _HPARAM_FIELDS = {"loss_type", "restart_unused_codes", "use_padding_idx", "maske
                   "embed_dim", "n_embed", "latent_shape", "code_shape", "shared_codebook", "decay",
                   "latent_loss_weight"}
 _ARCH_FIELDS = {"type", "ema", "hparams", "ddconfig", "checkpointing", "code_hier"}
-
-
-def load_official(src_dir: str | os.PathLike, weights: str = "auto") -> tuple[dict[str, torch.Tensor],
-                                                                              dict[str, Any]]:
-    """Read ``SRC_DIR/model.pt`` and ``SRC_DIR/config.yaml`` -> (state_dict, arch config dict).
-
-    weights: "auto" takes ``state_dict_ema`` when present, else ``state_dict``; "ema" / "raw" force one.
-    """
-    src = Path(src_dir)
-    if weights not in WEIGHT_CHOICES:
-        raise UserError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
-    if not src.is_dir():
-        raise UserError(f"{src} is not a folder; pass the official checkpoint folder holding model.pt "
-                        "and config.yaml")
-    model_file, config_file = src / "model.pt", src / "config.yaml"
-    for f in (model_file, config_file):
-        if not f.is_file():
-            raise UserError(f"{f} is missing; an official checkpoint folder holds model.pt and config.yaml")
-    try:
-        config = yaml.safe_load(config_file.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_file} is not valid YAML ({type(e).__name__}); is it an official config?") \
-            from None
-    if not isinstance(config, dict) or not isinstance(config.get("arch"), dict):
-        raise UserError(f"{config_file} has no 'arch' section; is it an official rq-vae-transformer config?")
-    ckpt = load_torch_file_safely(model_file)  # torch.load(weights_only=True): no arbitrary objects
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{model_file} does not hold a dict with 'state_dict'; is it an official checkpoint?")
-    if weights == "ema" and "state_dict_ema" not in ckpt:
-        raise UserError(f"{model_file} has no 'state_dict_ema'; use --weights raw (or auto)")
-    key = "state_dict_ema" if weights == "ema" or (weights == "auto" and "state_dict_ema" in ckpt) \
-        else "state_dict"
-    state = ckpt.get(key)
-    if not isinstance(state, dict) or not state:
-        raise UserError(f"{model_file} has no {key!r} of tensors; is it an official checkpoint?")
-    # model EMA / DDP wrappers prefix the names with "module."
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise UserError(f"{model_file} {key} holds non-tensor entries {bad[:3]}; "
-                        "is it an official checkpoint?")
-    return state, config["arch"]
-
-
-def _unsupported(what: str, value: Any, want: Any) -> UserError:
-    return UserError(f"official config {what}={value!r} is not supported (only {want!r}); "
-                     "this checkpoint cannot be converted")
 
 
 def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
@@ -104,10 +51,8 @@ def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
               ("hparams.use_padding_idx", hp.get("use_padding_idx", False), False),
               ("hparams.masked_dropout", float(hp.get("masked_dropout", 0.0)), 0.0)]
     for what, value, want in checks:
-        if value != want:
-            raise _unsupported(what, value, want)
-    if dd.get("out_ch", dd["in_channels"]) != dd["in_channels"]:
-        raise _unsupported("ddconfig.out_ch", dd["out_ch"], dd["in_channels"])
+        check_supported(what, value, want)
+    check_supported("ddconfig.out_ch", dd.get("out_ch", dd["in_channels"]), dd["in_channels"])
     try:
         code_shape, latent_shape = list(hp["code_shape"]), list(hp["latent_shape"])
         n = len(dd["ch_mult"])
@@ -175,24 +120,10 @@ def convert_official_rqvae(state_dict: dict[str, torch.Tensor], arch: dict[str, 
     return model.eval()
 
 
-def convert_official(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, weights: str = "auto",
-                     vae_dir: str | os.PathLike | None = None) -> Path:
-    """Convert an official checkpoint folder (RQ-VAE or RQ-Transformer) into our format in ``dst_dir``.
-
-    An RQ-Transformer embeds codes with its RQ-VAE's codebook, which the official checkpoint does not
-    hold: ``vae_dir`` names that RQ-VAE (our converted folder or the official one).
-    """
-    state, arch = load_official(src_dir, weights)
-    kind = arch.get("type")
-    if kind == "rq-vae":
-        model = convert_official_rqvae(state, arch)
-    elif kind == "rq-transformer":
-        if vae_dir is None:
-            raise UserError(f"{src_dir} is an RQ-Transformer: pass --vae DIR, its RQ-VAE (official or "
-                            "converted), whose codebook embeds the codes")
-        from rqvae.official.transformer import convert_official_rqtransformer, load_codebook
-
-        model = convert_official_rqtransformer(state, arch, load_codebook(vae_dir))
-    else:
-        raise UserError(f"arch.type {kind!r} is not supported; expected 'rq-vae' or 'rq-transformer'")
-    return model.save_pretrained(dst_dir)
+def load_rqvae(path: str | os.PathLike) -> RQVAE:
+    """An RQ-VAE folder: ours (config.json + model.safetensors) or an official one (model.pt +
+    config.yaml, converted in memory)."""
+    path = Path(path)
+    if is_official_folder(path):
+        return convert_official_rqvae(*load_official(path))
+    return RQVAE.from_pretrained(path)
