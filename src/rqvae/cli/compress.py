@@ -32,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_models(vae_dir: str, prior_dir: str | None):
     """(vae, prior or None) on the CPU in eval mode: the codec's reference arithmetic is fp32 on the CPU."""
-    from rqvae.cli.sample import load_vae
     from rqvae.models.transformer import RQTransformer
+    from rqvae.official.vae import load_rqvae
 
-    vae = load_vae(vae_dir).eval()
+    vae = load_rqvae(vae_dir).eval()
     prior = RQTransformer.from_pretrained(prior_dir).eval() if prior_dir else None
     return vae, prior
 

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("rqvae.cli.train_classifier", "train a small classifier for evaluation"),
     "compress": ("rqvae.cli.compress", "compress images into .rqv files (RQ codes + entropy coding)"),
     "decompress": ("rqvae.cli.decompress", "decompress .rqv files into PNG images"),
+    "info": ("rqvae.cli.info", "what a model, run or official checkpoint folder holds"),
+    "codebook": ("rqvae.cli.codebook", "code usage, dead codes and residual norms per depth"),
     "demo": ("rqvae.cli.demo", "the main job: train on Fashion-MNIST and write a report"),
 }
 

@@ -1,0 +1,44 @@
+"""``rqvae codebook DIR --data SPEC [--count N] [-o OUT]``: the codebook doctor.
+
+Per depth: codes used, dead codes, perplexity, the share of the most used code, and the norm of the residual
+left after the first d codes (how much each depth still explains), as a table, ``OUT/codebook.json`` and
+``OUT/codebook.png``. DIR is an RQ-VAE folder (or a training run holding ``model/``; official folders work
+too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model",
+                        help="RQ-VAE folder, a train-vae run folder, or an official checkpoint folder")
+    parser.add_argument("--data", required=True,
+                        help="image folder, WebDataset shards, or 'fmnist[:DIR]' to measure the codes on")
+    parser.add_argument("--split", default="test", help="dataset split (Fashion-MNIST: train or test)")
+    parser.add_argument("--count", type=int, default=2000, help="images to encode (0: all)")
+    parser.add_argument("-o", "--output", default=None, help="folder for codebook.json and codebook.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rqvae.data import build_image_dataset
+    from rqvae.eval.codebook import codebook_report, format_report, plot_report
+    from rqvae.eval.model_info import resolve_model_dir
+    from rqvae.official.load import is_official_folder
+    from rqvae.official.vae import load_rqvae
+
+    path = Path(args.model)
+    vae = load_rqvae(path if is_official_folder(path) else resolve_model_dir(path)).eval()
+    ds = build_image_dataset(args.data, vae.config.image_size, vae.config.in_channels, split=args.split)
+    report = codebook_report(vae, ds, count=args.count or None)
+    print(format_report(report))
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "codebook.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot_report(report, out / "codebook.png")
+        print(f"wrote {out / 'codebook.json'} and {out / 'codebook.png'}")
+    return 0
