@@ -11,7 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from rqvae.errors import UserError
+from rqvae.models.hub import config_from_dict
+from rqvae.models.vae import RQVAEConfig
+from rqvae.official.load import is_official_folder, load_official
 
 MODEL_TYPES = {"rqvae": "stage 1 (RQ-VAE tokenizer)", "rqtransformer": "stage 2 (RQ-Transformer)",
                "classifier": "evaluation classifier"}
@@ -32,8 +37,6 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def _num_parameters(weights: Path) -> int:
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="pt") as f:
         return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
 
@@ -70,9 +73,6 @@ def _describe_ours(model_dir: Path) -> dict[str, Any]:
     if weights.is_file():
         info["parameters"] = _num_parameters(weights)
     if model_type == "rqvae":
-        from rqvae.models.hub import config_from_dict
-        from rqvae.models.vae import RQVAEConfig
-
         cfg = config_from_dict(RQVAEConfig, dict(config), source=str(model_dir / "config.json"))
         f = cfg.downsample_factor
         info["code_shape"] = [cfg.image_size // f, cfg.image_size // f, cfg.depth]
@@ -111,8 +111,6 @@ def _unique_numel(tensors) -> int:
 
 
 def _describe_official(src: Path) -> dict[str, Any]:
-    from rqvae.official.load import load_official
-
     state, arch = load_official(src)
     kind = arch.get("type")
     info: dict[str, Any] = {"kind": "official checkpoint folder", "path": str(src), "model_type": kind,
@@ -131,8 +129,6 @@ def _describe_official(src: Path) -> dict[str, Any]:
 def describe(path: str | Path) -> dict[str, Any]:
     """What ``path`` holds: one of our model folders (or a run with ``model/``) or an official checkpoint."""
     path = Path(path)
-    from rqvae.official.load import is_official_folder
-
     if is_official_folder(path):
         return _describe_official(path)
     return _describe_ours(resolve_model_dir(path))
