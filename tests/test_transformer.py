@@ -228,3 +228,15 @@ def test_cached_greedy_with_wide_layers_equals_full_forward_greedy(cfg_scale, mo
     if gf.onednn_linear_available():
         assert any(packed), "no layer took the packed-weight path"
     assert torch.equal(got, full_forward_greedy(model, cond, B, cfg_scale))
+
+
+def test_forward_reads_back_values_only_on_a_cpu():
+    """On a GPU int(codes.min()) would sync every training step; forward leaves value checks to CPU tensors.
+    A meta tensor has no values: reading one back raises, so this forward must not try."""
+    with torch.device("meta"):
+        model = RQTransformer(TINY)
+        codes = torch.zeros(2, *TINY.code_shape, dtype=torch.long)
+        logits = model(codes, torch.zeros(2, dtype=torch.long))
+    assert logits.shape == (2, 16, 2, TINY.vocab_size) and logits.device.type == "meta"
+    with pytest.raises(UserError, match="codes must lie"):  # a CPU tensor is checked
+        make("class")(torch.full((1, *TINY.code_shape), 99), torch.tensor([0]))

@@ -36,7 +36,7 @@ drawing identical codes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -47,92 +47,7 @@ from rqvae.errors import UserError
 from rqvae.models.generate_fast import generate_fast
 from rqvae.models.hub import PretrainedMixin
 from rqvae.models.sampling import Sampler, default_dtype
-
-COND_TYPES = ("uncond", "class", "text")
-
-
-@dataclass
-class RQTransformerConfig:
-    code_shape: tuple[int, int, int] = (8, 8, 4)  # (H, W, D)
-    vocab_size: int = 256  # K, codebook size of the RQ-VAE
-    embed_dim: int = 64  # n_z, width of the RQ-VAE code embeddings
-    width: int = 256
-    n_spatial_layers: int = 4
-    n_depth_layers: int = 2
-    n_heads: int = 8
-    cond_type: str = "class"  # "uncond" | "class" | "text"
-    num_classes: int = 10  # class models: number of classes
-    text_vocab_size: int = 0  # text models: size of the text token vocabulary
-    cond_len: int = 1  # number of condition tokens (1 for class / uncond; text length for text)
-    cfg_dropout: float = 0.0  # training: probability of replacing the condition by the null one (CFG)
-    dropout: float = 0.1  # residual dropout
-    attn_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.code_shape = tuple(int(s) for s in self.code_shape)  # type: ignore[assignment]
-        if len(self.code_shape) != 3 or min(self.code_shape) < 1:
-            raise UserError(f"code_shape must be (H, W, D) with positive sizes, got {self.code_shape}")
-        if self.cond_type not in COND_TYPES:
-            raise UserError(f"cond_type must be one of {COND_TYPES}, got {self.cond_type!r}")
-        if self.width % self.n_heads:
-            raise UserError(f"width {self.width} is not divisible by n_heads {self.n_heads}")
-        if self.cond_type == "class" and self.num_classes < 1:
-            raise UserError("a class-conditional model needs num_classes >= 1")
-        if self.cond_type == "text" and self.text_vocab_size < 1:
-            raise UserError("a text-conditional model needs text_vocab_size >= 1")
-        if self.cond_type != "text" and self.cond_len != 1:
-            raise UserError(f"{self.cond_type} models have exactly one condition token, "
-                            f"got cond_len {self.cond_len}")
-        if self.cond_len < 1:
-            raise UserError(f"cond_len must be >= 1, got {self.cond_len}")
-        if not 0.0 <= self.cfg_dropout < 1.0:
-            raise UserError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
-        if self.cond_type == "uncond" and self.cfg_dropout > 0:
-            raise UserError("cfg_dropout needs a class or text condition; "
-                            "unconditional models have none to drop")
-
-    @property
-    def num_positions(self) -> int:
-        return self.code_shape[0] * self.code_shape[1]
-
-    @property
-    def depth(self) -> int:
-        return self.code_shape[2]
-
-    @property
-    def cond_vocab(self) -> int:
-        """Real condition vocabulary (without the null token)."""
-        return {"uncond": 1, "class": self.num_classes, "text": self.text_vocab_size}[self.cond_type]
-
-    @property
-    def has_null_cond(self) -> bool:
-        return self.cfg_dropout > 0
-
-    @property
-    def null_id(self) -> int:
-        """Token id of the null condition used by classifier-free guidance (an extra embedding row)."""
-        if not self.has_null_cond:
-            raise UserError("this model was not trained with cfg_dropout, so it has no null condition "
-                            "for classifier-free guidance; use --cfg-scale 1")
-        return self.cond_vocab
-
-
-# The paper's models (sizes from the official configs; parameter counts in reference-facts.md),
-# and small presets that train and sample on a CPU.
-AR_PRESETS: dict[str, RQTransformerConfig] = {
-    "imagenet-480m": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 12, 4, 24, "class", 1000),
-    "imagenet-821m": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 24, 4, 24, "class", 1000),
-    "imagenet-1.4b": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 42, 6, 24, "class", 1000),
-    "imagenet-3.8b": RQTransformerConfig((8, 8, 4), 16384, 256, 2560, 42, 6, 40, "class", 1000),
-    "cc3m-654m": RQTransformerConfig((8, 8, 4), 16384, 256, 1280, 26, 4, 20, "text", 0,
-                                     text_vocab_size=16384, cond_len=32),
-    "ffhq-355m": RQTransformerConfig((8, 8, 4), 2048, 256, 1024, 24, 4, 16, "uncond", 1),
-    "lsun-church-370m": RQTransformerConfig((8, 8, 4), 16384, 256, 1024, 24, 4, 16, "uncond", 1),
-    "lsun-catbedroom-612m": RQTransformerConfig((8, 8, 4), 16384, 256, 1280, 26, 4, 20, "uncond", 1),
-    # CPU presets: Fashion-MNIST 32x32 -> 8x8x4 codes, K = 256, class-conditional with a null class.
-    "fmnist-small": RQTransformerConfig((8, 8, 4), 256, 64, 256, 4, 2, 8, "class", 10, cfg_dropout=0.1),
-    "tiny": RQTransformerConfig((4, 4, 2), 16, 8, 32, 2, 1, 4, "class", 10, dropout=0.0),
-}
+from rqvae.models.transformer_config import AR_PRESETS, RQTransformerConfig
 
 
 class KVCache:
@@ -273,24 +188,26 @@ class RQTransformer(PretrainedMixin, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ----------------------------------------------------------------------------------------- checks
-    def check_codes(self, codes: torch.Tensor) -> None:
+    # Value-range checks read tensors back (int(t.min())): free on a CPU, a device sync on a GPU. The
+    # entry points (generate, the CLI) check values; forward checks them only for CPU tensors.
+    def check_codes(self, codes: torch.Tensor, *, values: bool = True) -> None:
         c = self.config
         if codes.dim() != 4 or tuple(codes.shape[1:]) != c.code_shape:
             raise UserError(f"codes have shape {tuple(codes.shape)}, the model expects (B, *{c.code_shape}); "
                             "encode with the RQ-VAE this model was trained on")
         if codes.dtype.is_floating_point:
             raise UserError("codes must be integer tensors")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c.vocab_size):
+        if values and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c.vocab_size):
             raise UserError(f"codes must lie in [0, {c.vocab_size}), got range "
                             f"[{int(codes.min())}, {int(codes.max())}]")
 
     def check_cond(self, cond: torch.Tensor | int | None, batch_size: int | None = None,
-                   allow_null: bool = False) -> torch.Tensor:
+                   allow_null: bool = False, *, values: bool = True) -> torch.Tensor:
         """Validate (and build) the condition: (B,) class ids, (B, L) text ids, or None / zeros for uncond."""
         c = self.config
         device = self.codebook.device
         if c.cond_type == "uncond":
-            if cond is not None and torch.is_tensor(cond) and cond.numel() and int(cond.abs().max()) != 0:
+            if values and torch.is_tensor(cond) and cond.numel() and int(cond.abs().max()) != 0:
                 raise UserError("this model is unconditional; do not pass a class or text")
             if batch_size is None:
                 batch_size = cond.shape[0] if torch.is_tensor(cond) else 1
@@ -309,7 +226,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
                 cond = cond[:, 0]
             if cond.dim() != 1:
                 raise UserError(f"class conditions must have shape (B,), got {tuple(cond.shape)}")
-            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= hi):
+            if values and cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= hi):
                 raise UserError(f"class id out of range: the model has classes 0..{c.num_classes - 1}")
             cond = cond[:, None]
         else:
@@ -318,7 +235,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
             if cond.dim() != 2 or cond.shape[1] != c.cond_len:
                 raise UserError(f"text conditions must have shape (B, {c.cond_len}), "
                                 f"got {tuple(cond.shape)}; encode the text with the model's tokenizer.json")
-            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= hi):
+            if values and cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= hi):
                 raise UserError(f"text token ids must lie in [0, {c.text_vocab_size})")
         if batch_size is not None and cond.shape[0] != batch_size:
             raise UserError(f"got {cond.shape[0]} conditions for a batch of {batch_size}")
@@ -345,11 +262,12 @@ class RQTransformer(PretrainedMixin, nn.Module):
         that probability (classifier-free guidance training).
         """
         c = self.config
-        self.check_codes(codes)
+        on_cpu = codes.device.type == "cpu"
+        self.check_codes(codes, values=on_cpu)
         B = codes.shape[0]
         H, W, D = c.code_shape
         T, L = H * W, c.cond_len
-        cond = self.check_cond(cond, batch_size=B, allow_null=True)  # (B, L)
+        cond = self.check_cond(cond, batch_size=B, allow_null=True, values=on_cpu)  # (B, L)
         if self.training and c.cfg_dropout > 0:
             drop = torch.rand(B, 1, device=cond.device) < c.cfg_dropout
             cond = torch.where(drop, torch.full_like(cond, c.null_id), cond)

@@ -1,0 +1,93 @@
+"""Configuration of the RQ-Transformer (:class:`RQTransformerConfig`) and the paper's model sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rqvae.errors import UserError
+
+COND_TYPES = ("uncond", "class", "text")
+
+
+@dataclass
+class RQTransformerConfig:
+    code_shape: tuple[int, int, int] = (8, 8, 4)  # (H, W, D)
+    vocab_size: int = 256  # K, codebook size of the RQ-VAE
+    embed_dim: int = 64  # n_z, width of the RQ-VAE code embeddings
+    width: int = 256
+    n_spatial_layers: int = 4
+    n_depth_layers: int = 2
+    n_heads: int = 8
+    cond_type: str = "class"  # "uncond" | "class" | "text"
+    num_classes: int = 10  # class models: number of classes
+    text_vocab_size: int = 0  # text models: size of the text token vocabulary
+    cond_len: int = 1  # number of condition tokens (1 for class / uncond; text length for text)
+    cfg_dropout: float = 0.0  # training: probability of replacing the condition by the null one (CFG)
+    dropout: float = 0.1  # residual dropout
+    attn_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.code_shape = tuple(int(s) for s in self.code_shape)  # type: ignore[assignment]
+        if len(self.code_shape) != 3 or min(self.code_shape) < 1:
+            raise UserError(f"code_shape must be (H, W, D) with positive sizes, got {self.code_shape}")
+        if self.cond_type not in COND_TYPES:
+            raise UserError(f"cond_type must be one of {COND_TYPES}, got {self.cond_type!r}")
+        if self.width % self.n_heads:
+            raise UserError(f"width {self.width} is not divisible by n_heads {self.n_heads}")
+        if self.cond_type == "class" and self.num_classes < 1:
+            raise UserError("a class-conditional model needs num_classes >= 1")
+        if self.cond_type == "text" and self.text_vocab_size < 1:
+            raise UserError("a text-conditional model needs text_vocab_size >= 1")
+        if self.cond_type != "text" and self.cond_len != 1:
+            raise UserError(f"{self.cond_type} models have exactly one condition token, "
+                            f"got cond_len {self.cond_len}")
+        if self.cond_len < 1:
+            raise UserError(f"cond_len must be >= 1, got {self.cond_len}")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise UserError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        if self.cond_type == "uncond" and self.cfg_dropout > 0:
+            raise UserError("cfg_dropout needs a class or text condition; "
+                            "unconditional models have none to drop")
+
+    @property
+    def num_positions(self) -> int:
+        return self.code_shape[0] * self.code_shape[1]
+
+    @property
+    def depth(self) -> int:
+        return self.code_shape[2]
+
+    @property
+    def cond_vocab(self) -> int:
+        """Real condition vocabulary (without the null token)."""
+        return {"uncond": 1, "class": self.num_classes, "text": self.text_vocab_size}[self.cond_type]
+
+    @property
+    def has_null_cond(self) -> bool:
+        return self.cfg_dropout > 0
+
+    @property
+    def null_id(self) -> int:
+        """Token id of the null condition used by classifier-free guidance (an extra embedding row)."""
+        if not self.has_null_cond:
+            raise UserError("this model was not trained with cfg_dropout, so it has no null condition "
+                            "for classifier-free guidance; use --cfg-scale 1")
+        return self.cond_vocab
+
+
+# The paper's models (sizes from the official configs; parameter counts in reference-facts.md),
+# and small presets that train and sample on a CPU.
+AR_PRESETS: dict[str, RQTransformerConfig] = {
+    "imagenet-480m": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 12, 4, 24, "class", 1000),
+    "imagenet-821m": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 24, 4, 24, "class", 1000),
+    "imagenet-1.4b": RQTransformerConfig((8, 8, 4), 16384, 256, 1536, 42, 6, 24, "class", 1000),
+    "imagenet-3.8b": RQTransformerConfig((8, 8, 4), 16384, 256, 2560, 42, 6, 40, "class", 1000),
+    "cc3m-654m": RQTransformerConfig((8, 8, 4), 16384, 256, 1280, 26, 4, 20, "text", 0,
+                                     text_vocab_size=16384, cond_len=32),
+    "ffhq-355m": RQTransformerConfig((8, 8, 4), 2048, 256, 1024, 24, 4, 16, "uncond", 1),
+    "lsun-church-370m": RQTransformerConfig((8, 8, 4), 16384, 256, 1024, 24, 4, 16, "uncond", 1),
+    "lsun-catbedroom-612m": RQTransformerConfig((8, 8, 4), 16384, 256, 1280, 26, 4, 20, "uncond", 1),
+    # CPU presets: Fashion-MNIST 32x32 -> 8x8x4 codes, K = 256, class-conditional with a null class.
+    "fmnist-small": RQTransformerConfig((8, 8, 4), 256, 64, 256, 4, 2, 8, "class", 10, cfg_dropout=0.1),
+    "tiny": RQTransformerConfig((4, 4, 2), 16, 8, 32, 2, 1, 4, "class", 10, dropout=0.0),
+}
