@@ -40,6 +40,7 @@ VERSION = 1
 COND_KINDS = ("none", "class", "text")
 _FIXED = struct.Struct("<4sBBBBHHHBBH8s8sII")  # everything up to the condition ids
 FLAG_PRIOR = 1
+HEADER_BYTES = _FIXED.size + 4  # without the condition ids (4 bytes each)
 
 
 @dataclass(frozen=True)
