@@ -17,8 +17,8 @@ from rqvae.models.classifier import (
     classifier_accuracy,
     intended_class_probability,
     rejection_sample,
-    train_classifier,
 )
+from rqvae.train.classifier import train_classifier
 
 
 def toy_set(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

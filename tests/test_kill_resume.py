@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from rqvae.cli import main
 from rqvae.data import TensorImageDataset
 from rqvae.train.checkpoint import latest_checkpoint
-from rqvae.train.common import NonFiniteLossError
+from rqvae.train.guard import NonFiniteLossError
 from rqvae.train.vae import TrainVAEConfig, train_vae
 
 STEPS = 12
 ARGS = ["--preset", "tiny", "--model-config", '{"ch": 16, "codebook_size": 32}', "--image-size", "16",
         "--batch-size", "4", "--steps", str(STEPS), "--disc-start", "3", "--disc-ndf", "16", "--lr", "1e-3",
         "--warmup-steps", "2", "--ema", "0.9", "--log-every", "1", "--checkpoint-every", "2",
-        "--sample-every", "0", "--no-progress", "--no-tensorboard", "--device", "cpu", "--resume"]
+        "--sample-every", "0", "--no-progress", "--no-tensorboard", "--device", "cpu"]
 # The child slows every fsync down, so that saves take long enough to be killed in the middle.
 CHILD = ("import os, sys, time; _f = os.fsync; os.fsync = lambda fd: (time.sleep(0.03), _f(fd))[1]; "
          "from rqvae.cli import main; sys.exit(main(sys.argv[1:]))")
@@ -73,7 +73,7 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_identical(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main(["train-vae", "--data", str(data), "--out", str(ref), *ARGS]) == 0  # uninterrupted
 
-    args = ["train-vae", "--data", str(data), "--out", str(run), *ARGS]
+    args = ["train-vae", "--data", str(data), "--out", str(run), *ARGS, "--resume"]
     ck = run / "checkpoints"
 
     def step():
@@ -82,7 +82,7 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_identical(tmp_path):
 
     mid_save = []
     # 1. during the very first save (no complete checkpoint yet)
-    mid_save.append(bool(_run_until(args, lambda: _tmp_dirs(ck))))
+    mid_save.append(bool(_run_until(args[:-1], lambda: _tmp_dirs(ck))))  # a new run: no --resume yet
     # 2. between saves, mid-training
     _run_until(args, lambda: step() >= 4 and not _tmp_dirs(ck) and time.sleep(0.15) is None)
     # 3. during a later save, after at least one more checkpoint

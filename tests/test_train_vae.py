@@ -107,7 +107,7 @@ def test_lpips_loss_is_used_when_files_are_given(tmp_path, caplog):
     m = read_metrics(tmp_path / "p")
     assert m[0]["loss/perceptual"] > 0
     assert m[0]["loss/total"] > m[0]["loss/rec"] + m[0]["loss/perceptual"] - 1e-6
-    with caplog.at_level(logging.INFO, logger="rqvae.train.common"):
+    with caplog.at_level(logging.INFO, logger="rqvae.train"):
         train_vae(small_cfg(tmp_path / "q", steps=1, disc_weight=0.0), dataset=ds)
     said = [r.message for r in caplog.records if "LPIPS" in r.message]
     assert len(said) == 1 and "without the perceptual loss" in said[0]

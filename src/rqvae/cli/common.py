@@ -1,29 +1,28 @@
-"""Argument helpers shared by the commands."""
+"""What the training commands share: arguments generated from a config dataclass, and running a trainer
+under torchrun (the process group is left on every exit path)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import argparse
+import logging
+from collections.abc import Callable
+from typing import Any
 
-from rqvae.errors import UserError
+from rqvae.config import add_config_arguments, config_from_args
 
 
-def model_config_overrides(value: str | None, config_name: str) -> dict:
-    """``--model-config``: a JSON object, or a JSON file (a model folder's config.json works too), of
-    ``config_name`` fields overriding the preset."""
-    if value is None:
-        return {}
-    text = value
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f"--model-config {value} is neither a JSON object nor an existing file")
-        text = path.read_text()
+def add_training_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Every field of ``config_class`` as an option, plus ``--config FILE``."""
+    add_config_arguments(parser, config_class)
+
+
+def run_training(config_class: type, args: argparse.Namespace, train: Callable[[Any], Any]) -> Any:
+    """Build the config from ``args`` (``--config`` file, then explicit flags) and call ``train(cfg)``."""
+    from rqvae import distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = config_from_args(config_class, args)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--model-config is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--model-config must be a JSON object of {config_name} fields")
-    data.pop("model_type", None)
-    return data
+        return train(cfg)
+    finally:
+        distributed.cleanup()

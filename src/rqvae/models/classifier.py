@@ -22,7 +22,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from rqvae.errors import UserError
 from rqvae.models.hub import PretrainedMixin
@@ -183,90 +182,15 @@ def rejection_sample(images: torch.Tensor, labels: torch.Tensor, classifier: Cla
     return RejectionSample(images[keep], labels[keep], keep, scores[keep])
 
 
-# ------------------------------------------------------------------------------------------- training
-@dataclass
-class TrainClassifierResult:
-    steps: int
-    final_loss: float  # mean training loss over the last 50 steps
-    train_accuracy: float  # on the last 50 training batches
-    test_accuracy: float | None  # on the held-out dataset, if one was given
-    seconds: float
+# Training moved to rqvae.train.classifier (issue 9). These names are still served from here, lazily (a
+# top-level import would make the model package depend on the trainer), until every caller imports them
+# from rqvae.train.classifier.
+_MOVED = ("TrainClassifierResult", "evaluate_dataset", "train_classifier")
 
 
-def train_classifier(model: Classifier, dataset: Dataset, steps: int, batch_size: int = 128,
-                     lr: float = 2e-3, weight_decay: float = 5e-4, seed: int = 0,
-                     eval_dataset: Dataset | None = None, run_dir: str | None = None,
-                     progress: bool = True) -> TrainClassifierResult:
-    """Train with AdamW, a short warm-up and cosine decay, label smoothing 0.05, on dict batches
-    {"image": (B, C, S, S) in [-1, 1], "label": (B,)} (``rqvae.data`` datasets; use ``augment=True``
-    for horizontal flips). Logs to ``run_dir`` (metrics.jsonl + TensorBoard) when given."""
-    import time
+def __getattr__(name: str):
+    if name in _MOVED:
+        import rqvae.train.classifier as training
 
-    from rqvae.data import batches
-    from rqvae.train.common import Logger, build_optimizer, build_scheduler
-
-    if steps < 1:
-        raise UserError(f"steps must be at least 1, got {steps}")
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    opt = build_optimizer(model, "adamw", lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-    sched = build_scheduler(opt, warmup_steps=min(100, steps // 10), total_steps=steps, schedule="cosine")
-    logger = Logger(run_dir or ".", steps, enabled=run_dir is not None, progress=progress, desc="classifier")
-    bar = None
-    if run_dir is None and progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="classifier", dynamic_ncols=True)
-    model.train()
-    losses: list[float] = []
-    hits: list[float] = []
-    t0 = time.perf_counter()
-    for step, batch in zip(range(steps), batches(dataset, batch_size, seed=seed)):
-        x = batch["image"].to(device)  # (B, C, S, S)
-        y = batch["label"].to(device)  # (B,)
-        if y.max() >= model.config.num_classes:
-            raise UserError(f"the data has label {int(y.max())} but the classifier has "
-                            f"{model.config.num_classes} classes; set num_classes to match the data")
-        logits = model(x)  # fp32: bf16 convolutions are far slower than fp32 on CPU (measured)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.detach().item())
-        hits.append((logits.detach().argmax(-1) == y).float().mean().item())
-        if run_dir is not None and (step % 50 == 0 or step == steps - 1):
-            logger.scalars(step, {"loss/train": losses[-1], "acc/train": hits[-1],
-                                  "lr": opt.param_groups[0]["lr"]})
-        logger.advance()
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    test_acc = None
-    if eval_dataset is not None:
-        test_acc = evaluate_dataset(model, eval_dataset)
-        if run_dir is not None:
-            logger.scalars(steps, {"acc/test": test_acc})
-    logger.close()
-    model.eval()
-    tail = slice(-50, None)
-    return TrainClassifierResult(steps=len(losses), final_loss=sum(losses[tail]) / len(losses[tail]),
-                                 train_accuracy=sum(hits[tail]) / len(hits[tail]), test_accuracy=test_acc,
-                                 seconds=time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def evaluate_dataset(model: Classifier, dataset: Dataset, batch_size: int = 512) -> float:
-    """Accuracy on a map-style dataset of {"image", "label"} items."""
-    from rqvae.data import collate
-
-    n = len(dataset)  # type: ignore[arg-type]
-    correct = 0
-    for i in range(0, n, batch_size):
-        keys = list(range(i, min(n, i + batch_size)))
-        getitems = getattr(dataset, "__getitems__", None)
-        batch = collate(getitems(keys) if getitems else [dataset[k] for k in keys])
-        pred = predict_logits(batch["image"], model, batch_size).argmax(-1)
-        correct += int((pred == batch["label"]).sum())
-    return correct / max(1, n)
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,35 +23,32 @@ interfere with the conditional predictions (the contexts differ).
 
 Optimiser per the official configs: AdamW, lr 5e-4 (the small CPU presets default to 1e-3, which
 trains them in minutes), weight decay 1e-4 on matrices, betas (0.9, 0.95), linear warm-up then cosine
-decay to 0, gradient-norm clipping at 1.0, bf16 autocast. Checkpoints hold the model, optimizer,
-scheduler, step and RNG states; the data order and the codes of step s depend only on (seed, s, rank),
-so a resumed run is bitwise identical to an uninterrupted one on CPU. Multi-process via torchrun (DDP;
-gloo on CPU); rank 0 writes checkpoints, logs, sample grids and the final model.
+decay to 0, gradient-norm clipping at 1.0 (``--bf16``: bf16 autocast where it is fast). The data order
+and the codes of micro-batch m depend only on (seed, m, rank), so a resumed run is bitwise identical to
+an uninterrupted one on CPU. :class:`ARTask` supplies this; the loop is :class:`rqvae.train.trainer.Trainer`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from rqvae import distributed as dist
+from rqvae.config import option
+from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
-from rqvae.train.common import (
-    Logger,
-    NonFiniteGuard,
-    autocast,
-    build_optimizer,
-    build_scheduler,
-    clip_grad_norm,
-)
+from rqvae.models.transformer import AR_PRESETS, RQTransformerConfig
+from rqvae.train.ar_cond import Conditions, build_conditions, dataset_captions, sample_grid
+from rqvae.train.optim import build_optimizer, build_scheduler
+from rqvae.train.precision import autocast
+from rqvae.train.task import TrainerConfig, TrainTask, config_json
+from rqvae.train.trainer import Trainer
 
 log = logging.getLogger("rqvae.train.ar")
 
@@ -60,50 +57,47 @@ SMALL_PRESET_LR = 1e-3
 PAPER_PRESET_PREFIXES = ("imagenet", "cc3m", "ffhq", "lsun")
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 0.1, 0.9  # official CC-3M config
 
+__all__ = ["ARTask", "Conditions", "TrainARConfig", "ar_image_loss", "ar_text_loss", "sample_grid",
+           "step_generator", "train_ar"]
 
-@dataclass
-class TrainARConfig:
-    vae: str  # folder of a trained RQ-VAE (save_pretrained / train-vae's run_dir/model)
-    data: str  # dataset spec: image folder, .tar shard pattern, "fmnist" or "fmnist:/dir"
-    run_dir: str  # checkpoints/, model/, samples/, metrics.jsonl, tb/
-    cond: str = "class"  # "uncond" | "class" | "text"
-    preset: str = "fmnist-small"  # a key of rqvae.models.transformer.AR_PRESETS
-    model: dict[str, Any] = field(default_factory=dict)  # RQTransformerConfig fields overriding the preset
-    split: str = "train"
-    captions: str | None = None  # JSONL {"file", "text"}; None: a .txt beside each image; "classes": names
-    tokenizer: str | None = None  # a tokenizer.json; None: train byte-level BPE on the captions
-    text_len: int = 32  # text tokens per caption (official 32)
-    text_vocab_size: int = 16384  # BPE vocabulary cap when training a tokenizer (official 16384)
-    flip: bool = False  # also cache features of horizontally flipped images (a second copy)
-    feature_cache: str | None = None  # cache folder; None: $RQVAE_CACHE or ~/.cache/rqvae/features
-    steps: int = 1000  # length of the run (and of the LR schedule)
-    stop_after: int | None = None  # end this invocation after this step (checkpointed; --resume continues)
-    batch_size: int = 64  # per rank
-    lr: float | None = None  # None: 5e-4 for the paper presets, 1e-3 for the small CPU presets
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int | None = None  # None: min(500, steps // 20)
-    grad_clip: float = 1.0
-    bf16: bool = True  # bf16 autocast (AMX on CPU, tensor cores on CUDA)
-    temperature: float = 0.5  # tau of the soft labels (Sec. 3.2.3)
-    soft_labels: bool = True  # targets Q_tau (False: one-hot of the codes)
-    stochastic: bool = True  # inputs sampled from Q_tau (False: greedy codes)
-    cond_dropout: float | None = None  # P(null condition) for classifier-free guidance; None: the preset's
-    text_loss_weight: float = TEXT_LOSS_WEIGHT
-    image_loss_weight: float = IMAGE_LOSS_WEIGHT  # text models only; class/uncond use the image loss alone
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    log_every: int = 50
-    sample_every: int = 500  # sample grids to TensorBoard and run_dir/samples/; 0: only at the end
-    samples_per_class: int = 4
-    sample_top_k: int | None = None
-    sample_top_p: float | None = None
-    seed: int = 0
-    resume: bool = False
-    max_nonfinite: int = 5
-    device: str | None = None  # "cpu" / "cuda"; None: CUDA if available
-    progress: bool = True
-    tensorboard: bool = True
+
+@dataclass(kw_only=True)
+class TrainARConfig(TrainerConfig):
+    vae: str = option(help="folder of the trained RQ-VAE (a train-vae run's model/)")
+    data: str = option(help="image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'")
+    cond: str = option("class", "condition: class labels (sub-folders / Fashion-MNIST labels), none, or captions",
+                       choices=("class", "uncond", "text"))
+    preset: str = option("fmnist-small", f"RQ-Transformer preset: {', '.join(AR_PRESETS)}")
+    model: dict[str, Any] = option(factory=dict, flag="--model-config", metavar="JSON",
+                                   help="JSON file (or inline JSON object) of RQTransformerConfig fields over "
+                                        "the preset")
+    split: str = option("train", "dataset split (Fashion-MNIST: train or test)")
+    captions: str | None = option(None, "text models: a JSONL file of {\"file\": ..., \"text\": ...}; default: "
+                                        "a .txt file beside each image; 'classes': the class name of each image")
+    tokenizer: str | None = option(None, "text models: a tokenizer.json (default: train byte-level BPE on the "
+                                         "captions)")
+    text_len: int = option(32, "text tokens per caption (padded/truncated)")
+    text_vocab_size: int = option(16384, "BPE vocabulary cap when training a tokenizer")
+    flip: bool = option(False, "also train on horizontally flipped images (a second cached copy)")
+    feature_cache: str | None = option(None, "folder of cached encoder features (default: $RQVAE_CACHE or "
+                                             "~/.cache/rqvae)")
+    batch_size: int = option(64, "images per process and micro-batch")
+    lr: float | None = option(None, "AdamW learning rate (default: 5e-4 as official for the paper presets; "
+                                    "1e-3 for the small CPU presets)")
+    weight_decay: float = option(1e-4, "AdamW weight decay (matrices only)")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+    warmup_steps: int | None = option(None, "linear warm-up steps (default: min(500, steps / 20))")
+    grad_clip: float = option(1.0, "max gradient norm (0: off)")
+    temperature: float = option(0.5, "tau of the soft labels (Sec. 3.2.3)")
+    soft_labels: bool = option(True, "soft targets Q_tau (--no-soft-labels, ablation: one-hot of the codes)")
+    stochastic: bool = option(True, "codes sampled from Q_tau (--no-stochastic, ablation: greedy codes)")
+    cond_dropout: float | None = option(None, "probability of the null condition, for classifier-free "
+                                              "guidance (default: the preset's cfg_dropout)")
+    text_loss_weight: float = option(TEXT_LOSS_WEIGHT, "text models: weight of the caption loss")
+    image_loss_weight: float = option(IMAGE_LOSS_WEIGHT, "text models: weight of the image loss")
+    samples_per_class: int = option(4, "samples per class (or prompt) in the sample grids")
+    sample_top_k: int | None = option(None, "top-k of the sample grids")
+    sample_top_p: float | None = option(None, "top-p of the sample grids")
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -114,22 +108,17 @@ class TrainARConfig:
         return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 20)
 
     def validate(self) -> None:
+        super().validate()
         checks = [
-            (self.cond in ("uncond", "class", "text"),
-             f"--cond must be uncond, class or text, got {self.cond!r}"),
-            (self.steps >= 0, f"--steps must be >= 0, got {self.steps}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.preset in AR_PRESETS,
+             f"unknown RQ-Transformer preset {self.preset!r}; choose one of {sorted(AR_PRESETS)}"),
             (self.learning_rate() > 0, f"--lr must be > 0, got {self.learning_rate()}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.cond_dropout is None or 0.0 <= self.cond_dropout < 1.0,
              f"--cond-dropout must be in [0, 1), got {self.cond_dropout}"),
             (self.cond != "uncond" or not self.cond_dropout,
              "--cond-dropout needs a condition (--cond class or text)"),
-            (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
-            (self.keep_last >= 1, f"--keep-last must be >= 1, got {self.keep_last}"),
-            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.text_len >= 2 or self.cond != "text", f"--text-len must be >= 2, got {self.text_len}"),
-            (self.max_nonfinite >= 1, f"--max-nonfinite must be >= 1, got {self.max_nonfinite}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -158,66 +147,13 @@ def ar_text_loss(text_logits: torch.Tensor, tokens: torch.Tensor, pad: int) -> t
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The random stream of one training step on one rank (codes, condition dropout): a function of
-    (seed, step, rank) only, so a resumed run draws exactly what an uninterrupted run would."""
+    """The random stream of one training micro-batch on one rank (codes): a function of (seed, micro-batch
+    index, rank) only, so a resumed run draws exactly what an uninterrupted run would."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
-
-
-# ------------------------------------------------------------------------------------- conditions
-@dataclass
-class Conditions:
-    """What the model is conditioned on, per cached item (rows of the feature cache)."""
-
-    kind: str  # "uncond" | "class" | "text"
-    values: torch.Tensor  # (N,) class ids / zeros, or (N, L) text tokens
-    num_classes: int = 1
-    class_names: list[str] | None = None
-    tokenizer: Any = None  # tokenizers.Tokenizer for text
-    pad_id: int = 0
-    prompts: list[str] | None = None  # a few captions for sample grids
-
-
-def _dataset_captions(cfg: TrainARConfig, ds: Any) -> list[str]:
-    from rqvae.data.features import dataset_files
-    from rqvae.data.text import captions_for_files
-
-    if cfg.captions == "classes":  # e.g. Fashion-MNIST: the class name is the caption
-        names = list(getattr(ds, "class_names", []))
-        labels = getattr(ds, "labels", None)
-        if not names or labels is None:
-            raise UserError("--captions classes needs a dataset with class names and labels")
-        return [names[int(i)] for i in labels]
-    files = dataset_files(ds)
-    if files is None:
-        raise UserError(f"the dataset {cfg.data} has no image files to find captions beside; give "
-                        "--captions FILE.jsonl with a folder dataset, or --captions classes")
-    return captions_for_files(files, cfg.captions, root=getattr(ds, "root", None))
-
-
-def _conditions(cfg: TrainARConfig, ds: Any, labels: torch.Tensor, captions: list[str] | None) -> Conditions:
-    if cfg.cond == "uncond":
-        return Conditions("uncond", torch.zeros_like(labels))
-    if cfg.cond == "class":
-        names = list(getattr(ds, "class_names", [])) or [str(i) for i in range(int(labels.max()) + 1)]
-        return Conditions("class", labels, num_classes=len(names), class_names=names)
-    from rqvae.data.text import encode_texts, load_tokenizer, pad_id, train_tokenizer
-
-    assert captions is not None
-    if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer, max_len=cfg.text_len)
-    else:
-        tok = train_tokenizer(captions, vocab_size=cfg.text_vocab_size, max_len=cfg.text_len)
-    tokens = encode_texts(tok, captions)  # (N, L)
-    prompts = list(dict.fromkeys(captions))[:8]
-    return Conditions("text", tokens, tokenizer=tok, pad_id=pad_id(tok), prompts=prompts)
 
 
 # ------------------------------------------------------------------------------------------ model
 def _model_config(cfg: TrainARConfig, vae: Any, cond: Conditions, code_hw: tuple[int, int]) -> Any:
-    from rqvae.models.transformer import AR_PRESETS, RQTransformerConfig
-
-    if cfg.preset not in AR_PRESETS:
-        raise UserError(f"unknown RQ-Transformer preset {cfg.preset!r}; choose one of {sorted(AR_PRESETS)}")
     fields = dict(cfg.model)
     vc = vae.config
     fields.update(code_shape=(code_hw[0], code_hw[1], vc.depth), vocab_size=vc.codebook_size,
@@ -247,42 +183,105 @@ def _split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out.logits, getattr(out, "cond_logits", None)
 
 
-# ---------------------------------------------------------------------------------------- samples
-@torch.no_grad()
-def sample_grid(model: Any, vae: Any, cond: Conditions, n_per_cond: int, seed: int,
-                top_k: int | None = None, top_p: float | None = None,
-                device: torch.device | str = "cpu", bf16: bool = False) -> torch.Tensor:
-    """Samples decoded by the VAE as one grid (C, H, W) in [-1, 1]: a row per class for class models,
-    a row per prompt for text models, rows of 8 for unconditional ones. ``generate`` picks its own compute
-    dtype (bf16 where the hardware has fast bf16 matmuls) unless ``bf16`` is False (then float32)."""
-    from rqvae.data.images import make_grid
+class ARTask(TrainTask):
+    """Stage 2: the RQ-Transformer (optimizer "model") on codes drawn from cached features."""
 
-    if cond.kind == "class":
-        c = torch.arange(cond.num_classes).repeat_interleave(n_per_cond)  # (n_classes * n,)
-        nrow = n_per_cond
-    elif cond.kind == "text":
-        from rqvae.data.text import encode_texts
+    name = "train-ar"
 
-        c = encode_texts(cond.tokenizer, cond.prompts or [""]).repeat_interleave(n_per_cond, dim=0)  # (N, L)
-        nrow = n_per_cond
-    else:
-        c = torch.zeros(max(8, n_per_cond * 4), dtype=torch.long)
-        nrow = 8
-    was_training = model.training
-    model.eval()
-    g = torch.Generator(device=torch.device(device)).manual_seed(seed)
-    codes = model.generate(c.to(device), top_k=top_k, top_p=top_p, generator=g,
-                           dtype=None if bf16 else torch.float32)  # (N, h, w, D)
-    model.train(was_training)
-    images = vae.decode(codes.to(device)).float().clamp(-1, 1).cpu()  # (N, C, H, W)
-    return make_grid(images, nrow=nrow)
+    def __init__(self, cfg: TrainARConfig, dataset: Any = None) -> None:
+        self.cfg, self.dataset = cfg, dataset
 
+    def prepare(self, info: DistInfo) -> None:
+        """The frozen tokenizer, the data, the cached features and the conditions."""
+        from rqvae.data import build_image_dataset
+        from rqvae.data.features import load_or_build_features
+        from rqvae.models.vae import RQVAE
 
-# ---------------------------------------------------------------------------------------- trainer
-def _check_run_dir(cfg: TrainARConfig, latest: Path | None) -> None:
-    if latest is not None and not cfg.resume:
-        raise UserError(f"{cfg.run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
-                        "continue that run or choose a new --out folder")
+        cfg = self.cfg
+        self.info, self.device = info, info.device
+        self.vae = vae = RQVAE.from_pretrained(cfg.vae).to(info.device).eval().requires_grad_(False)
+        vc = vae.config
+        if not vc.shared_codebook:
+            raise UserError(f"{cfg.vae} has one codebook per depth; the RQ-Transformer embeds codes with a "
+                            "single shared codebook (the paper's setting): train the RQ-VAE with a shared one")
+        if self.dataset is None:
+            self.dataset = build_image_dataset(cfg.data, vc.image_size, vc.in_channels, split=cfg.split)
+        captions = dataset_captions(cfg, self.dataset) if cfg.cond == "text" else None
+        self.cache = load_or_build_features(
+            vae, cfg.vae, self.dataset, data_spec=cfg.data, split=cfg.split, image_size=vc.image_size,
+            channels=vc.in_channels, cache_dir=cfg.feature_cache, flip=cfg.flip, captions=captions,
+            device=info.device, progress=cfg.progress and info.is_main)
+        self.cond = build_conditions(cfg, self.dataset, self.cache.labels, self.cache.captions)
+
+    def build(self, info: DistInfo) -> None:
+        from rqvae import distributed as dist
+        from rqvae.models.transformer import RQTransformer
+
+        cfg = self.cfg
+        self.model_cfg = _model_config(cfg, self.vae, self.cond, self.cache.code_hw)
+        codebook = self.vae.quantizer.codebook[0].detach().clone()
+        self.model = model = RQTransformer(self.model_cfg, codebook=codebook).to(info.device)
+        dist.broadcast_module(model)
+        model.train()
+        opt = build_optimizer(model, "adamw", lr=cfg.learning_rate(), betas=tuple(cfg.betas),
+                              weight_decay=cfg.weight_decay)
+        self.modules, self.optimizers = {"model": model}, {"model": opt}
+        self.schedulers = {"model": build_scheduler(opt, cfg.warmup(), max(1, cfg.steps), "cosine")}
+
+    def batches(self, start: int) -> Iterator[Any]:
+        from rqvae.data import ResumableBatchSampler
+
+        info = self.info
+        return iter(ResumableBatchSampler(len(self.cache), self.cfg.batch_size, self.cfg.seed, info.rank,
+                                          info.world_size, start_step=start, seeded_keys=False))
+
+    def train_step(self, batch: Any, *, step: int, micro: int, scale: float) -> dict[str, torch.Tensor]:
+        cfg, cond, device = self.cfg, self.cond, self.device
+        idx = torch.tensor(batch, dtype=torch.long)  # (B,)
+        z = self.cache.latents[idx].to(device=device, dtype=torch.float32)  # (B, h, w, n_z)
+        # Eq. 15: soft labels Q_tau and codes drawn from them (fresh every batch)
+        probs, codes = self.vae.quantizer.soft_codes(z, cfg.temperature, stochastic=cfg.stochastic,
+                                                     generator=step_generator(cfg.seed, micro, self.info.rank))
+        c = cond.values[idx].to(device)  # (B,) or (B, L); the model drops it to null w.p. cfg_dropout
+        B, h, w, D = codes.shape
+        with autocast(device, cfg.bf16):
+            out = self.model(codes, c, return_cond_logits=cond.kind == "text")
+        logits, text_logits = _split_output(out)  # (B, T, D, K), (B, L-1, V)
+        img_loss = ar_image_loss(logits, probs.reshape(B, h * w, D, -1), codes.reshape(B, h * w, D),
+                                 soft_labels=cfg.soft_labels)
+        parts = {"loss/image": img_loss}
+        loss = img_loss
+        if cond.kind == "text" and text_logits is not None:
+            parts["loss/text"] = txt_loss = ar_text_loss(text_logits, c, cond.pad_id)
+            loss = cfg.image_loss_weight * img_loss + cfg.text_loss_weight * txt_loss
+        parts["loss/total"] = loss
+        (loss * scale).backward()
+        return {k: v.detach() for k, v in parts.items()}
+
+    def sample(self, step: int) -> torch.Tensor | None:
+        cfg = self.cfg
+        return sample_grid(self.model, self.vae, self.cond, cfg.samples_per_class, seed=cfg.seed,
+                           top_k=cfg.sample_top_k, top_p=cfg.sample_top_p, device=self.device, bf16=cfg.bf16)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"model_config": config_json(self.model_cfg)}
+
+    def describe(self, world_size: int) -> list[str]:
+        mc, cfg = self.model_cfg, self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return [f"RQ-Transformer {n_params / 1e6:.2f}M parameters, codes {tuple(mc.code_shape)} "
+                f"K={mc.vocab_size}, cond {self.cond.kind}, {len(self.cache)} cached items ({self.cache.path}), "
+                f"lr {cfg.learning_rate():g}, {world_size} process(es) x batch {cfg.batch_size}"]
+
+    def save_final(self, run_dir: Path | None) -> None:
+        if run_dir is None:
+            return
+        out = self.model.save_pretrained(run_dir / "model")
+        if self.cond.kind == "text":
+            from rqvae.data.text import save_tokenizer
+
+            save_tokenizer(self.cond.tokenizer, out)
+        log.info("saved the RQ-Transformer to %s", out)
 
 
 def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
@@ -293,162 +292,4 @@ def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:
     ``cfg.data`` (``cfg.data`` then only names it in the feature-cache key). Problems a user can cause
     (paths, data, captions, config) raise :class:`UserError` before the first step.
     """
-    from rqvae.data import ResumableBatchSampler, build_image_dataset
-    from rqvae.data.features import load_or_build_features
-    from rqvae.models.vae import RQVAE
-    from rqvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-
-    cfg.validate()
-    info = dist.init_distributed(cfg.device)
-    device, is_main = info.device, info.is_main
-    run_dir = Path(cfg.run_dir)
-    latest = latest_checkpoint(run_dir) if run_dir.exists() else None
-    _check_run_dir(cfg, latest)
-
-    # ---- the frozen tokenizer, the data and the cached features
-    vae = RQVAE.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
-    vc = vae.config
-    if not vc.shared_codebook:
-        raise UserError(f"{cfg.vae} has one codebook per depth; the RQ-Transformer embeds codes with a "
-                        "single shared codebook (the paper's setting): train the RQ-VAE with a shared one")
-    if dataset is None:
-        dataset = build_image_dataset(cfg.data, vc.image_size, vc.in_channels, split=cfg.split)
-    captions = _dataset_captions(cfg, dataset) if cfg.cond == "text" else None
-    cache = load_or_build_features(vae, cfg.vae, dataset, data_spec=cfg.data, split=cfg.split,
-                                   image_size=vc.image_size, channels=vc.in_channels,
-                                   cache_dir=cfg.feature_cache, flip=cfg.flip, captions=captions,
-                                   device=device, progress=cfg.progress and is_main)
-    cond = _conditions(cfg, dataset, cache.labels, cache.captions)
-
-    # ---- model, optimizer, schedule (same init on every rank)
-    from rqvae.models.transformer import RQTransformer
-
-    torch.manual_seed(cfg.seed)
-    model_cfg = _model_config(cfg, vae, cond, cache.code_hw)
-    model = RQTransformer(model_cfg, codebook=vae.quantizer.codebook[0].detach().clone()).to(device)
-    dist.broadcast_module(model)
-    lr = cfg.learning_rate()
-    opt = build_optimizer(model, "adamw", lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    sched = build_scheduler(opt, cfg.warmup(), max(1, cfg.steps), "cosine")
-    guard = NonFiniteGuard(cfg.max_nonfinite)
-    modules, optimizers, schedulers = {"model": model}, {"model": opt}, {"model": sched}
-    model_cfg_json = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
-
-    step = 0
-    if latest is not None:
-        extra = load_checkpoint(latest, modules, optimizers, schedulers)
-        if extra.get("model_config") not in (None, model_cfg_json):
-            raise UserError(f"the checkpoint {latest} was trained with a different model config; resume "
-                            "with the same --preset/--vae/--cond options or choose a new --out folder")
-        step = int(extra["step"])
-        guard.load_state_dict(extra.get("nonfinite", {}))
-    if info.rank > 0:  # the checkpoint holds rank 0's RNG state (dropout); other ranks get their own
-        torch.manual_seed(cfg.seed * 1000 + info.rank + step)
-    ddp = dist.wrap_ddp(model, device)
-    model.train()
-
-    logger = Logger(run_dir, cfg.steps, start_step=step, enabled=is_main, tensorboard=cfg.tensorboard,
-                    progress=cfg.progress, desc="train-ar")
-    if is_main:
-        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if latest is not None:
-            logger.info(f"resumed from {latest} at step {step}")
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info(f"RQ-Transformer {n_params / 1e6:.2f}M parameters, codes {tuple(model_cfg.code_shape)} "
-                    f"K={model_cfg.vocab_size}, cond {cond.kind}, {len(cache)} cached items "
-                    f"({cache.path}), lr {lr:g}, {info.world_size} process(es) x batch {cfg.batch_size}")
-
-    def save(current: int) -> None:
-        if is_main:
-            extra = {"step": current, "nonfinite": guard.state_dict(), "model_config": model_cfg_json}
-            save_checkpoint(run_dir, current, modules, optimizers, schedulers, extra, keep_last=cfg.keep_last)
-        dist.barrier()
-
-    def samples(current: int) -> None:
-        if not is_main:
-            return
-        grid = sample_grid(model, vae, cond, cfg.samples_per_class, seed=cfg.seed, top_k=cfg.sample_top_k,
-                           top_p=cfg.sample_top_p, device=device, bf16=cfg.bf16)
-        from rqvae.data.images import save_image
-
-        save_image(grid, run_dir / "samples" / f"step_{current:06d}.png")
-        logger.image(current, "samples", grid)
-
-    sampler = iter(ResumableBatchSampler(len(cache), cfg.batch_size, cfg.seed, info.rank, info.world_size,
-                                         start_step=step, seeded_keys=False))
-    quantizer = vae.quantizer
-    hint = f"; the last checkpoint in {run_dir / 'checkpoints'} is intact (continue with --resume)"
-    sums: dict[str, float] = {}
-    n_logged = 0
-    t_last = time.perf_counter()
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    try:
-        while step < end:
-            idx = torch.tensor(next(sampler), dtype=torch.long)  # (B,)
-            g = step_generator(cfg.seed, step, info.rank)
-            z = cache.latents[idx].to(device=device, dtype=torch.float32)  # (B, h, w, n_z)
-            # Eq. 15: soft labels Q_tau and codes drawn from them (fresh every batch)
-            probs, codes = quantizer.soft_codes(z, cfg.temperature, stochastic=cfg.stochastic, generator=g)
-            c = cond.values[idx].to(device)  # (B,) or (B, L); the model drops it to null w.p. cfg_dropout
-            B, h, w, D = codes.shape
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, cfg.bf16):
-                out = ddp(codes, c, return_cond_logits=cond.kind == "text")
-            logits, text_logits = _split_output(out)  # (B, T, D, K), (B, L-1, V)
-            img_loss = ar_image_loss(logits, probs.reshape(B, h * w, D, -1), codes.reshape(B, h * w, D),
-                                     soft_labels=cfg.soft_labels)
-            parts = {"loss/image": img_loss}
-            if cond.kind == "text" and text_logits is not None:
-                txt_loss = ar_text_loss(text_logits, c, cond.pad_id)
-                loss = cfg.image_loss_weight * img_loss + cfg.text_loss_weight * txt_loss
-                parts["loss/text"] = txt_loss
-            else:
-                loss = img_loss
-            parts["loss/total"] = loss
-            if not guard.check(loss, step=step, hint=hint):
-                step += 1  # skipped: the data and codes of this step are not retried
-                sched.step()
-                continue
-            loss.backward()
-            gnorm = clip_grad_norm(model.parameters(), cfg.grad_clip)
-            if not guard.check(gnorm, step=step, hint=hint):
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                sched.step()
-                continue
-            lr_used = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            step += 1
-
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm
-            n_logged += 1
-            logger.advance()
-            if step % cfg.log_every == 0 or step == end:
-                now = time.perf_counter()
-                values = dist.all_reduce_mean({k: v / n_logged for k, v in sums.items()})
-                values["lr"] = lr_used
-                values["perf/images_per_s"] = n_logged * cfg.batch_size * info.world_size / (now - t_last)
-                logger.scalars(step, values)
-                sums, n_logged, t_last = {}, 0, now
-            if step % cfg.checkpoint_every == 0 and step < end:
-                save(step)
-            if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step < end:
-                samples(step)
-        save(step)
-        if step < cfg.steps:  # stopped early by stop_after: the checkpoint is the result
-            logger.info(f"stopped at step {step} of {cfg.steps}; continue with --resume")
-        elif is_main:
-            samples(step)
-            out = model.save_pretrained(run_dir / "model")
-            if cond.kind == "text":
-                from rqvae.data.text import save_tokenizer
-
-                save_tokenizer(cond.tokenizer, out)
-            logger.info(f"saved the RQ-Transformer to {out}")
-        dist.barrier()
-    finally:
-        logger.close()
-    return model
+    return Trainer(cfg, ARTask(cfg, dataset)).train()

@@ -1,0 +1,159 @@
+"""Training logs on the main rank: ``metrics.jsonl``, TensorBoard and progress output.
+
+Progress goes to stderr: a tqdm bar when stderr is a terminal, otherwise (CI logs, ``make demo > log``)
+one plain line every ``interval`` seconds and one at the end, e.g.
+``train-vae step 400/2000 loss 0.0123 2.1 it/s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import torch
+
+log = logging.getLogger("rqvae.train.logger")
+
+
+def _trim_metrics(path: Path, start_step: int) -> None:
+    """On resume, drop lines after ``start_step`` (written after the last checkpoint) and torn lines."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= start_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    path.write_text("".join(s + "\n" for s in kept))
+
+
+class PlainProgress:
+    """A progress report for non-terminals: one line every ``interval`` seconds (and at :meth:`close`)."""
+
+    def __init__(self, total: int, initial: int, desc: str, stream: IO[str], interval: float) -> None:
+        self.total, self.n, self.desc, self.stream, self.interval = total, initial, desc, stream, interval
+        self.loss: float | None = None
+        self._t_last, self._n_last, self._n_shown = time.perf_counter(), initial, None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self._t_last >= self.interval:
+            self._line()
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        rate = (self.n - self._n_last) / max(now - self._t_last, 1e-9)
+        loss = "" if self.loss is None else f" loss {self.loss:.4g}"
+        self.stream.write(f"{self.desc} step {self.n}/{self.total}{loss} {rate:.3g} it/s\n")
+        self.stream.flush()
+        self._t_last, self._n_last, self._n_shown = now, self.n, self.n
+
+    def close(self) -> None:
+        if self._n_shown != self.n:
+            self._line()
+
+
+class Logger:
+    """Metrics to ``run_dir/metrics.jsonl`` (one JSON object per logged step), TensorBoard scalars and
+    images (``run_dir/tb``) and progress output, all on the main rank only (``enabled``). Without a
+    ``run_dir`` only the progress is shown.
+
+    On resume from step ``start_step``, JSONL lines and TensorBoard events after ``start_step`` (written
+    by the interrupted run after its last checkpoint) are dropped, so curves have no duplicates.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike | None, total_steps: int, start_step: int = 0, *,
+                 enabled: bool = True, tensorboard: bool = True, progress: bool = True, desc: str = "train",
+                 stream: IO[str] | None = None, interval: float = 30.0) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._file: IO[str] | None = None
+        self._writer = None
+        self._bar = None
+        self._plain: PlainProgress | None = None
+        if not enabled:
+            return
+        if self.run_dir is not None:
+            self._open_files(start_step, tensorboard)
+        stream = sys.stderr if stream is None else stream
+        if progress and stream.isatty():
+            from tqdm.auto import tqdm  # only for terminals
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, file=stream)
+        elif progress:
+            self._plain = PlainProgress(total_steps, start_step, desc, stream, interval)
+
+    def _open_files(self, start_step: int, tensorboard: bool) -> None:
+        assert self.run_dir is not None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            if start_step > 0:
+                _trim_metrics(path, start_step)
+            else:
+                path.unlink()
+        self._file = open(path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import, optional output
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
+
+    @property
+    def closed(self) -> bool:
+        return self._file is None and self._writer is None and self._bar is None and self._plain is None
+
+    def info(self, message: str) -> None:
+        """A one-off message on the main rank (through tqdm so the bar is not torn)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            log.info(message)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            self._file.flush()
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(k, v, step)
+        loss = values.get("loss/total", next((v for k, v in values.items() if k.startswith("loss/")), None))
+        if self._plain is not None and loss is not None:
+            self._plain.loss = float(loss)
+        if self._bar is not None:
+            short = {k.split("/")[-1]: f"{v:.4g}" for k, v in values.items() if k.startswith("loss/")}
+            self._bar.set_postfix(short, refresh=False)
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        """``image``: (C, H, W) in [-1, 1]."""
+        if self.enabled and self._writer is not None:
+            self._writer.add_image(tag, ((image.detach().float().cpu() + 1) / 2).clamp(0, 1), step)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._plain is not None:
+            self._plain.update(n)
+
+    def close(self) -> None:
+        """Close every output (idempotent): the metrics file, TensorBoard and the progress output."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._plain is not None:
+            self._plain.close()
+            self._plain = None
