@@ -87,15 +87,20 @@ def test_mismatched_vae_is_refused(folders, tmp_path, capsys):
 
 def test_class_samples_feed_eval_accuracy(folders, tmp_path, capsys):
     """`rqvae sample` writes the layout that `rqvae eval --accuracy` reads (a sub-folder per class)."""
-    from rqvae.models.classifier import Classifier, ClassifierConfig
+    import json
+
+    from rqvae.data.images import load_images
+    from tests.classifier_fixtures import classifier_choosing
 
     assert run(folders, "class", tmp_path / "s", "--class", "0", "1", "2", "--n", "6") == 0
-    Classifier(ClassifierConfig(in_channels=3, num_classes=10, width=4, image_size=16)).save_pretrained(
-        tmp_path / "clf")
+    pngs = sorted((tmp_path / "s" / "images").rglob("*.png"))
+    labels = torch.tensor([int(p.parent.name) for p in pngs])  # the class each sample was drawn for
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    chosen = labels.clone()
+    chosen[0] = 9  # a classifier that agrees with the requested class on 5 of the 6 samples
+    classifier_choosing(load_images(pngs, 3, 16), chosen, 10).save_pretrained(tmp_path / "clf")
     capsys.readouterr()
     assert main(["eval", "--accuracy", str(tmp_path / "s" / "images"), "--classifier", str(tmp_path / "clf"),
                  "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
-    import json
-
     res = json.loads((tmp_path / "r.json").read_text())["classifier"]
-    assert res["num_samples"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+    assert res["num_samples"] == 6 and res["accuracy"] == pytest.approx(5 / 6, abs=1e-6)
