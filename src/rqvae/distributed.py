@@ -152,3 +152,38 @@ def check_same_across_ranks(module: nn.Module, what: str = "model") -> None:
     for r, other in enumerate(gathered[1:], start=1):
         if not torch.equal(other, gathered[0]):
             raise RuntimeError(f"the {what} differs between rank 0 and rank {r}; the ranks went out of sync")
+
+
+def sample_rows_global(candidates: torch.Tensor, n: int) -> torch.Tensor | None:
+    """``n`` random rows of the concatenation of every rank's ``candidates`` (M_r, dim), same on all ranks.
+
+    Without replacement when there are enough rows, otherwise with replacement; None if no rank has
+    any. The indices are drawn with the default CPU generator (on rank 0 and broadcast under
+    torch.distributed).
+    """
+    world = get_world_size()
+    device = candidates.device
+    if world == 1:
+        sizes = [candidates.shape[0]]
+    else:
+        local = torch.tensor([candidates.shape[0]], device=device)
+        gathered = [torch.zeros_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        sizes = [int(t) for t in gathered]
+    total = sum(sizes)
+    if total == 0:
+        return None
+    if world == 1 or get_rank() == 0:
+        idx = torch.randperm(total)[:n] if total >= n else torch.randint(total, (n,))
+        idx = idx.to(device)
+    else:
+        idx = torch.empty(n, dtype=torch.long, device=device)
+    if world == 1:
+        return candidates[idx].clone()
+    dist.broadcast(idx, src=0)
+    offset = sum(sizes[:get_rank()])
+    mine = (idx >= offset) & (idx < offset + candidates.shape[0])
+    out = torch.zeros(n, candidates.shape[1], device=device, dtype=candidates.dtype)
+    out[mine] = candidates[idx[mine] - offset]
+    dist.all_reduce(out)
+    return out

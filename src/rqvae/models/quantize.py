@@ -32,15 +32,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rqvae.distributed import get_world_size, sample_rows_global
 from rqvae.errors import UserError
-
-# Elements of one (rows x codes) distance matrix; encode works on row chunks of this size to bound memory.
-# Measured for greedy encode on one CPU thread (d=64, K=256): 2048 to 8192 rows per chunk are equally
-# fast, 1024 rows ~12% slower (per-call overhead).
-_CHUNK_ELEMENTS = 1 << 20
-# Codes per block of the two-level argmin (_argmin_rows): the smallest width at which torch's amin over
-# the last dimension is vectorised on CPU (16 is several times slower per element).
-_ARGMIN_BLOCK = 32
+from rqvae.models.quantize_fit import CHUNK_ELEMENTS as _CHUNK_ELEMENTS
+from rqvae.models.quantize_fit import argmin_rows, fit_codebooks
 
 
 @dataclass
@@ -63,12 +58,6 @@ class CodebookUsage:
 
     def as_dict(self) -> dict[str, list[int] | list[float]]:
         return {"used": self.used, "perplexity": self.perplexity, "dead": self.dead}
-
-
-def _dist_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 @contextmanager
@@ -223,7 +212,7 @@ class ResidualQuantizer(nn.Module):
                 b = 0 if self.shared_codebook else d
                 # ||r - e||^2 = ||r||^2 - 2 r.e + ||e||^2; ||r||^2 is constant per row, so dropped.
                 torch.addmm(sq[b], r, books[b].t(), alpha=-2.0, out=dist_)
-                k = _argmin_rows(dist_)  # (n,) first minimum
+                k = argmin_rows(dist_)  # (n,) first minimum
                 codes[s:s + chunk, d] = k
                 if d + 1 < self.depth:  # the last residual is not needed
                     r -= books[b].index_select(0, k)
@@ -309,7 +298,7 @@ class ResidualQuantizer(nn.Module):
         sums.index_add_(0, flat_codes.reshape(-1), residuals.reshape(-1, dim))
         depth_counts = torch.bincount((codes + torch.arange(D, device=codes.device) * K).reshape(-1),
                                       minlength=D * K).float()
-        if _dist_world() > 1:  # one all-reduce for all statistics
+        if get_world_size() > 1:  # one all-reduce for all statistics
             packed = torch.cat([counts, sums.reshape(-1), depth_counts])
             dist.all_reduce(packed)
             counts, sums, depth_counts = packed.split([counts.numel(), sums.numel(), depth_counts.numel()])
@@ -351,7 +340,7 @@ class ResidualQuantizer(nn.Module):
             if not n_dead[b]:
                 continue
             cand = residuals.reshape(-1, self.dim) if self.shared_codebook else residuals[:, b]
-            vectors = _pick_global(cand, int(n_dead[b]))  # (n_dead, dim)
+            vectors = sample_rows_global(cand, int(n_dead[b]))  # (n_dead, dim)
             if vectors is None:  # an empty global batch: nothing to restart from
                 return
             if self.dead_code_relative:
@@ -436,216 +425,9 @@ class ResidualQuantizer(nn.Module):
             holdout: float = 0.1, seed: int = 0, verbose: bool = False) -> float:
         """Warm-start the codebooks from data (offline); returns the MSE per element on ``vectors``.
 
-        1. Initialisation. One codebook per depth: depth by depth, k-means (progressive-dimension, see
-           ``_kmeans``, ``kmeans_iters`` Lloyd steps per stage) on the residuals of the ``beam_size``
-           best partial paths found by beam search with the codebooks fitted so far (for
-           ``beam_size=1``, the greedy residuals). Shared codebook: k-means on the vectors, then
-           ``kmeans_iters`` pooled Lloyd steps (encode greedily, move each code to the mean of every
-           residual it quantizes at any depth; the batch form of the EMA update).
-        2. ``refine_iters`` passes of: encode with beam search (``beam_size``), then solve for all
-           codebook rows jointly by least squares, ``min_E || Z - A E ||^2`` where ``A[n, k]`` counts the
-           times code k is on vector n's path (a (n_books K)^2 normal system). The refinement fits a
-           ``1 - holdout`` part of the vectors and keeps the codebook with the lowest MSE on the other
-           part (initialisation included), so it cannot overfit (no hold-out below 1000 vectors).
-        3. The EMA statistics are reset to match the fit: ``ema_count`` proportional to the code usage
-           with a mean of 1 per code (a weak prior that training batches soon outweigh), ``ema_sum =
-           codebook * ema_count``.
+        k-means initialisation depth by depth, then least-squares refinement on beam-search codes, then
+        EMA statistics matching the fit; see :func:`rqvae.models.quantize_fit.fit_codebooks`.
         """
         self._check_vectors(vectors, "vectors")
-        x = vectors.detach().reshape(-1, self.dim).float().contiguous()  # (N, dim)
-        if x.shape[0] < self.codebook_size:
-            raise UserError(f"fit needs at least codebook_size={self.codebook_size} vectors, "
-                            f"got {x.shape[0]}; pass more vectors")
-        g = torch.Generator().manual_seed(seed)
-        K = self.codebook_size
-        n_val = int(x.shape[0] * holdout) if x.shape[0] * holdout >= 1000 and refine_iters > 0 else 0
-        perm = torch.randperm(x.shape[0], generator=g).to(x.device)
-        val = x[perm[:n_val]] if n_val else x  # (N_val, dim) held out for choosing the refinement step
-        train = x[perm[n_val:]] if n_val else x  # (N_train, dim)
-        with _float32(x.device):
-            if self.shared_codebook:
-                book = _kmeans(train, K, kmeans_iters, g)
-                self.codebook[0] = book
-                for _ in range(kmeans_iters):
-                    codes = self._greedy(train)
-                    partial = self._embed(codes).cumsum(dim=1)
-                    res = (train[:, None] - F.pad(partial[:, :-1], (0, 0, 1, 0))).reshape(-1, self.dim)
-                    counts = torch.bincount(codes.reshape(-1), minlength=K).float()
-                    sums = torch.zeros(K, self.dim, device=x.device).index_add_(0, codes.reshape(-1), res)
-                    self.codebook[0] = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None],
-                                                   self.codebook[0])
-            else:
-                for d in range(self.depth):
-                    if d == 0:
-                        r = train
-                    else:  # the residuals of all beam_size partial paths over depths < d
-                        beams = min(beam_size, K ** d)
-                        res = torch.empty(train.shape[0], beams, self.dim, device=x.device)
-                        self._beam(train, beams, 0.0, n_depths=d, residuals_out=res)
-                        r = res.reshape(-1, self.dim)
-                    self.codebook[d] = _kmeans(r, K, kmeans_iters, g)
-            # refinement: least squares on the training part; the best codebook by held-out MSE wins
-            best_err = self._mse(val, self.encode(val, beam_size=beam_size))
-            best_book = self.codebook.clone()
-            if verbose:
-                print(f"fit: init, held-out mse {best_err:.6f}")
-            for it in range(refine_iters):
-                self._least_squares(train, self.encode(train, beam_size=beam_size))
-                err = self._mse(val, self.encode(val, beam_size=beam_size))
-                if verbose:
-                    print(f"fit: refine {it + 1}, held-out mse {err:.6f}")
-                if err < best_err:
-                    best_err, best_book = err, self.codebook.clone()
-            self.codebook.copy_(best_book)
-            codes = self.encode(x, beam_size=beam_size).reshape(-1, self.depth)
-            flat = (codes + self.book_of_depth * K).reshape(-1)
-            counts = torch.bincount(flat, minlength=self.n_books * K).float().view(self.n_books, K)
-            self.ema_count.copy_(counts / counts.mean(dim=1, keepdim=True))
-            self.ema_sum.copy_(self.codebook * self.ema_count[..., None])
-            self.depth_count.zero_()
-        return self._mse(x, codes)
-
-    def _mse(self, x: Tensor, codes: Tensor) -> float:
-        return float(((x - self.decode(codes)) ** 2).mean())
-
-    def _least_squares(self, x: Tensor, codes: Tensor, ridge: float = 1.0) -> None:
-        """Joint least-squares codebook for fixed codes: (A^T A + ridge I) E = A^T Z + ridge E_old.
-
-        A direct solve of the (n_books K)^2 system when it is small, conjugate gradients otherwise.
-        """
-        M = self.n_books * self.codebook_size
-        f = codes + self.book_of_depth * self.codebook_size  # (N, D) rows of E on each path
-        old = self.codebook.reshape(M, self.dim).double()
-        rhs = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
-        rhs.index_add_(0, f.reshape(-1), x.double().repeat_interleave(self.depth, dim=0))  # A^T Z
-        rhs += ridge * old
-        if M <= 4096:
-            pairs = (f[:, :, None] * M + f[:, None, :]).reshape(-1)  # all (d, d') pairs on a path
-            gram = torch.bincount(pairs, minlength=M * M).view(M, M).double()  # A^T A
-            gram.diagonal().add_(ridge)
-            new = torch.linalg.solve(gram, rhs)
-        else:
-            def normal_op(e: Tensor) -> Tensor:  # (A^T A + ridge I) e without forming A^T A
-                ae = e[f].sum(dim=1)  # (N, dim) = A e
-                return torch.zeros_like(e).index_add_(0, f.reshape(-1), ae.repeat_interleave(
-                    self.depth, dim=0)) + ridge * e
-            new = old.clone()
-            res = rhs - normal_op(new)
-            p, rr = res.clone(), (res * res).sum()
-            for _ in range(100):
-                ap = normal_op(p)
-                alpha = rr / (p * ap).sum()
-                new += alpha * p
-                res -= alpha * ap
-                rr_new = (res * res).sum()
-                if rr_new.sqrt() < 1e-6 * rhs.norm():
-                    break
-                p, rr = res + (rr_new / rr) * p, rr_new
-        self.codebook.copy_(new.view_as(self.codebook).float())
-
-def _pick_global(candidates: Tensor, n: int) -> Tensor | None:
-    """``n`` random rows of the concatenation of every rank's ``candidates`` (M_r, dim), same on all ranks.
-
-    Without replacement when there are enough rows, otherwise with replacement; None if no rank has
-    any. The indices are drawn with the default CPU generator (on rank 0 and broadcast under
-    torch.distributed).
-    """
-    world = _dist_world()
-    device = candidates.device
-    if world == 1:
-        sizes = [candidates.shape[0]]
-    else:
-        local = torch.tensor([candidates.shape[0]], device=device)
-        gathered = [torch.zeros_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        sizes = [int(t) for t in gathered]
-    total = sum(sizes)
-    if total == 0:
-        return None
-    if world == 1 or dist.get_rank() == 0:
-        idx = torch.randperm(total)[:n] if total >= n else torch.randint(total, (n,))
-        idx = idx.to(device)
-    else:
-        idx = torch.empty(n, dtype=torch.long, device=device)
-    if world == 1:
-        return candidates[idx].clone()
-    dist.broadcast(idx, src=0)
-    offset = sum(sizes[:dist.get_rank()])
-    mine = (idx >= offset) & (idx < offset + candidates.shape[0])
-    out = torch.zeros(n, candidates.shape[1], device=device, dtype=candidates.dtype)
-    out[mine] = candidates[idx[mine] - offset]
-    dist.all_reduce(out)
-    return out
-
-
-def _argmin_rows(dist: Tensor, block: int = _ARGMIN_BLOCK) -> Tensor:
-    """(n, K) -> (n,) index of the first minimum of each row: ``dist.min(dim=1).indices``, faster on CPU.
-
-    torch's index-returning row minimum is a scalar loop on CPU, while ``amin`` (no index) is
-    vectorised. So, with the K codes cut into blocks of ``block``: the minimum of every block (amin),
-    the first block holding the row minimum (min with index over K/block values), then the first
-    minimum inside that block. The result is identical to ``min(dim=1).indices``, ties (the first index
-    wins) and NaN (the first NaN wins) included. Other devices, and K that does not split into at least
-    three blocks (below that the plain ``min`` is as fast), use ``min`` directly.
-    """
-    n, K = dist.shape
-    if dist.device.type != "cpu" or K % block or K < 3 * block or not dist.is_contiguous():
-        return dist.min(dim=1).indices
-    n_blocks = K // block
-    first_block = dist.view(n, n_blocks, block).amin(dim=2).min(dim=1).indices  # (n,)
-    rows = torch.arange(0, n * n_blocks, n_blocks, device=dist.device)  # (n,) each row's block 0
-    inside = dist.view(n * n_blocks, block).index_select(0, rows + first_block)  # (n, block)
-    return first_block * block + inside.min(dim=1).indices
-
-
-def _nearest(x: Tensor, book: Tensor) -> Tensor:
-    """(N, dim), (K, dim) -> (N,) index of the nearest row of ``book``, chunked over rows."""
-    sq = (book * book).sum(1)
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    chunk = max(1, _CHUNK_ELEMENTS // book.shape[0])
-    for s in range(0, x.shape[0], chunk):
-        out[s:s + chunk] = torch.addmm(sq, x[s:s + chunk], book.t(), alpha=-2.0).min(dim=1).indices
-    return out
-
-
-def _kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator, progressive_steps: int = 10,
-            max_points_per_code: int = 256) -> Tensor:
-    """k-means of (N, dim) into k centres, with progressive dimensions (as faiss's ProgressiveDimClustering).
-
-    The vectors are rotated onto their principal axes; Lloyd's algorithm (``iters`` steps) runs first on
-    the leading ``dim^(1/S)`` principal coordinates, then on more and more of them (``dim^(s/S)``, s = 1..S),
-    each stage starting from the previous centres, and the last stage on all coordinates. Starting in
-    the few high-variance directions finds better optima than random starts in full dimension. At most
-    ``max_points_per_code * k`` random vectors are used. Empty clusters are re-seeded from random vectors.
-    """
-    n, dim = x.shape
-    if n > max_points_per_code * k:
-        x = x[torch.randperm(n, generator=generator)[:max_points_per_code * k].to(x.device)]
-        n = x.shape[0]
-    mean = x.mean(dim=0)
-    xc = (x - mean).double()
-    evals, evecs = torch.linalg.eigh(xc.t() @ xc / n)  # ascending
-    rot = evecs.flip(1).float()  # (dim, dim) principal axes, largest variance first
-    y = (x - mean) @ rot  # (N, dim) principal coordinates
-    steps = max(1, progressive_steps)
-    dims = sorted({max(1, int(dim ** ((s + 1) / steps))) for s in range(steps - 1)} | {dim})
-    centers = y[torch.randperm(n, generator=generator)[:k].to(x.device), :dims[0]].clone()  # (k, d_0)
-    assign = None
-    for di in dims:
-        ys = y[:, :di].contiguous()
-        if centers.shape[1] < di:  # extend the centres by the means of their clusters in the new coordinates
-            counts = torch.bincount(assign, minlength=k).float().clamp_min(1)[:, None]
-            extra = torch.zeros(k, di - centers.shape[1], device=x.device)
-            extra.index_add_(0, assign, ys[:, centers.shape[1]:])
-            centers = torch.cat([centers, extra / counts], dim=1)
-        for _ in range(iters):
-            assign = _nearest(ys, centers)
-            counts = torch.bincount(assign, minlength=k).float()
-            sums = torch.zeros_like(centers).index_add_(0, assign, ys)
-            centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
-            empty = (counts == 0).nonzero().squeeze(1)
-            if empty.numel():
-                centers[empty] = ys[torch.randint(n, (empty.numel(),), generator=generator).to(x.device)]
-        if assign is None:  # iters == 0
-            assign = _nearest(ys, centers)
-    return centers @ rot.t() + mean  # back to the input coordinates
+        return fit_codebooks(self, vectors, kmeans_iters=kmeans_iters, refine_iters=refine_iters,
+                             beam_size=beam_size, holdout=holdout, seed=seed, verbose=verbose)
