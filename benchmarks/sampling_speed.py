@@ -16,9 +16,10 @@ process CPU time is printed too. Writes the tables to docs/benchmarks.md under "
 
     .venv/bin/python benchmarks/sampling_speed.py --threads 2
 
-``--baseline-rev REV`` also times ``generate`` of src/rqvae/transformer.py as of git revision REV on the
-official configs (fp32, same weights), interleaved with the current code, and checks that both draw the
-same samples.
+``--baseline-rev REV`` also times ``generate`` of the transformer module as of git revision REV
+(src/rqvae/models/transformer.py, or src/rqvae/transformer.py before the layout change; its own imports
+must still resolve in today's package) on the official configs (fp32, same weights), interleaved with the
+current code, and checks that both draw the same samples.
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ def time_generate(model: RQTransformer, batch: int, dtype: torch.dtype) -> tuple
 
 
 def load_baseline(rev: str):
-    """The RQTransformer class of src/rqvae/transformer.py at git revision rev (imported from a temp file)."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/rqvae/transformer.py"],
-                         capture_output=True, text=True, check=True).stdout
+    """The RQTransformer class of the transformer module at git revision rev (imported from a temp file)."""
+    for rel in ("src/rqvae/models/transformer.py", "src/rqvae/transformer.py"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True,
+                               text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    src = shown.stdout
     path = Path(tempfile.mkdtemp()) / "baseline_transformer.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("rqvae._baseline_transformer", path)

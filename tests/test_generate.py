@@ -128,3 +128,12 @@ def test_unknown_impl_is_a_user_error():
 
     with pytest.raises(UserError, match="impl"):
         make("class").generate(torch.arange(2), impl="turbo")
+
+
+def test_auto_dtype_is_fp32_on_a_cpu_without_fast_bf16(monkeypatch):
+    import rqvae.models.sampling as sampling
+
+    monkeypatch.setattr(sampling, "cpu_has_amx", lambda: False)
+    assert sampling.default_dtype("cpu") == torch.float32
+    monkeypatch.setattr(sampling, "cpu_has_amx", lambda: True)
+    assert sampling.default_dtype("cpu") == torch.bfloat16
