@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from rqvae.data.images import make_grid, save_image
+from rqvae.data.text import encode_texts, load_tokenizer
 from rqvae.errors import UserError
+from rqvae.models.transformer import RQTransformer
+from rqvae.official.vae import load_rqvae
 
 
 def _values(text: str | None, kind: type, name: str) -> list | None:
@@ -58,8 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_vae(path: str | Path):
     """Our RQ-VAE folder, or an official one (model.pt + config.yaml, converted in memory)."""
-    from rqvae.official.vae import load_rqvae  # the models: only when a command runs (fast --help)
-
     return load_rqvae(path)
 
 
@@ -99,7 +101,6 @@ def build_conditions(model, args: argparse.Namespace, model_dir: Path) -> torch.
         raise UserError("this model is text-conditional; use --text \"...\" instead of --class")
     if args.text is None:
         raise UserError("this model is text-conditional; pass --text \"a prompt\"")
-    from rqvae.data.text import encode_texts, load_tokenizer
 
     tok = load_tokenizer(model_dir, max_len=c.cond_len)
     ids = encode_texts(tok, [args.text])  # (1, L)
@@ -110,9 +111,6 @@ def build_conditions(model, args: argparse.Namespace, model_dir: Path) -> torch.
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.data.images import make_grid, save_image
-    from rqvae.models.transformer import RQTransformer
-
     if args.n < 1 or args.batch_size < 1:
         raise UserError("--n and --batch-size must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

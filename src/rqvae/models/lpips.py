@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from rqvae.errors import UserError
@@ -59,8 +60,6 @@ def _read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tens
         raise UserError(f"{what} file {path} does not exist; pass the path of a local weights file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
