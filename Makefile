@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint clean data
+.PHONY: install test demo lint clean data browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,18 @@ data:
 	  echo "Could not install dataset-fashion-mnist; pass --data DIR (a folder of images) to the demo instead."; \
 	else echo "No apt-get: pass --data DIR (a folder of images) to the demo instead."; fi
 
-test: $(STAMP) data
+# Chromium + chromedriver from Debian for the browser test of `rqvae serve` (skipped without them).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  echo "Chromium and chromedriver found."; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
+	   sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
+	  echo "Could not install chromium + chromium-driver; the browser test will be skipped."; \
+	else echo "No apt-get: the browser test of rqvae serve will be skipped."; fi
+
+test: $(STAMP) data browser
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "decompress": ("rqvae.cli.decompress", "decompress .rqv files into PNG images"),
     "info": ("rqvae.cli.info", "what a model, run or official checkpoint folder holds"),
     "codebook": ("rqvae.cli.codebook", "code usage, dead codes and residual norms per depth"),
+    "serve": ("rqvae.cli.serve", "a local web app: generate, and see residual quantization at work"),
     "demo": ("rqvae.cli.demo", "the main job: train on Fashion-MNIST and write a report"),
 }
 
