@@ -100,7 +100,8 @@ def test_class_conditional_training_lowers_loss_and_caches_features(tmp_path, va
     losses = _losses(tmp_path / "run")
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     run = tmp_path / "run"
-    assert (run / "model" / "model.safetensors").is_file() and (run / "samples" / "step_0000040.png").is_file()
+    assert (run / "model" / "model.safetensors").is_file()
+    assert (run / "samples" / "step_0000040.png").is_file()
     from rqvae.models.transformer import RQTransformer
 
     loaded = RQTransformer.from_pretrained(run / "model")

@@ -106,8 +106,12 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One option per field of the dataclass ``cls`` (required fields first), plus ``--config FILE``."""
     hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
-    for f in sorted(fields, key=lambda f: _default_of(f) is not _NO_DEFAULT):
+    own = cls.__dict__.get("__annotations__", {})  # the command's own options before inherited ones
+
+    def order(f: dataclasses.Field) -> tuple[bool, bool]:
+        return _default_of(f) is not _NO_DEFAULT, f.name not in own
+
+    for f in sorted(dataclasses.fields(cls), key=order):
         _add_field(parser, f, hints[f.name])
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="JSON file of a whole config (e.g. a run's train_config.json); flags given "
@@ -126,7 +130,8 @@ def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config
         if typing.get_origin(_base_type(hints[key])) is tuple and isinstance(value, list):
             value = tuple(value)
         out[key] = value
-    missing = [flag_name(f) for name, f in fields.items() if name not in out and _default_of(f) is _NO_DEFAULT]
+    missing = [flag_name(f) for name, f in fields.items()
+               if name not in out and _default_of(f) is _NO_DEFAULT]
     if missing:
         raise UserError(f"missing {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} on the "
                         "command line or in --config FILE")

@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rqvae.errors import UserError
 from rqvae.models.hub import PretrainedMixin

@@ -25,7 +25,8 @@ Optimiser per the official configs: AdamW, lr 5e-4 (the small CPU presets defaul
 trains them in minutes), weight decay 1e-4 on matrices, betas (0.9, 0.95), linear warm-up then cosine
 decay to 0, gradient-norm clipping at 1.0 (``--bf16``: bf16 autocast where it is fast). The data order
 and the codes of micro-batch m depend only on (seed, m, rank), so a resumed run is bitwise identical to
-an uninterrupted one on CPU. :class:`ARTask` supplies this; the loop is :class:`rqvae.train.trainer.Trainer`'s.
+an uninterrupted one on CPU. :class:`ARTask` supplies this; the loop is
+:class:`rqvae.train.trainer.Trainer`'s.
 """
 
 from __future__ import annotations
@@ -65,17 +66,18 @@ __all__ = ["ARTask", "Conditions", "TrainARConfig", "ar_image_loss", "ar_text_lo
 class TrainARConfig(TrainerConfig):
     vae: str = option(help="folder of the trained RQ-VAE (a train-vae run's model/)")
     data: str = option(help="image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'")
-    cond: str = option("class", "condition: class labels (sub-folders / Fashion-MNIST labels), none, or captions",
-                       choices=("class", "uncond", "text"))
+    cond: str = option("class", "condition: class labels (sub-folders / Fashion-MNIST labels), none, or "
+                                "captions", choices=("class", "uncond", "text"))
     preset: str = option("fmnist-small", f"RQ-Transformer preset: {', '.join(AR_PRESETS)}")
     model: dict[str, Any] = option(factory=dict, flag="--model-config", metavar="JSON",
-                                   help="JSON file (or inline JSON object) of RQTransformerConfig fields over "
-                                        "the preset")
+                                   help="JSON file (or inline JSON object) of RQTransformerConfig fields "
+                                        "over the preset")
     split: str = option("train", "dataset split (Fashion-MNIST: train or test)")
-    captions: str | None = option(None, "text models: a JSONL file of {\"file\": ..., \"text\": ...}; default: "
-                                        "a .txt file beside each image; 'classes': the class name of each image")
-    tokenizer: str | None = option(None, "text models: a tokenizer.json (default: train byte-level BPE on the "
-                                         "captions)")
+    captions: str | None = option(None, "text models: a JSONL file of {\"file\": ..., \"text\": ...}; "
+                                        "default: a .txt file beside each image; 'classes': the class "
+                                        "name of each image")
+    tokenizer: str | None = option(None, "text models: a tokenizer.json (default: train byte-level BPE on "
+                                         "the captions)")
     text_len: int = option(32, "text tokens per caption (padded/truncated)")
     text_vocab_size: int = option(16384, "BPE vocabulary cap when training a tokenizer")
     flip: bool = option(False, "also train on horizontally flipped images (a second cached copy)")
@@ -202,8 +204,9 @@ class ARTask(TrainTask):
         self.vae = vae = RQVAE.from_pretrained(cfg.vae).to(info.device).eval().requires_grad_(False)
         vc = vae.config
         if not vc.shared_codebook:
-            raise UserError(f"{cfg.vae} has one codebook per depth; the RQ-Transformer embeds codes with a "
-                            "single shared codebook (the paper's setting): train the RQ-VAE with a shared one")
+            raise UserError(f"{cfg.vae} has one codebook per depth; the RQ-Transformer embeds codes with "
+                            "a single shared codebook (the paper's setting): train the RQ-VAE with a shared "
+                            "one")
         if self.dataset is None:
             self.dataset = build_image_dataset(cfg.data, vc.image_size, vc.in_channels, split=cfg.split)
         captions = dataset_captions(cfg, self.dataset) if cfg.cond == "text" else None
@@ -240,8 +243,9 @@ class ARTask(TrainTask):
         idx = torch.tensor(batch, dtype=torch.long)  # (B,)
         z = self.cache.latents[idx].to(device=device, dtype=torch.float32)  # (B, h, w, n_z)
         # Eq. 15: soft labels Q_tau and codes drawn from them (fresh every batch)
+        g = step_generator(cfg.seed, micro, self.info.rank)
         probs, codes = self.vae.quantizer.soft_codes(z, cfg.temperature, stochastic=cfg.stochastic,
-                                                     generator=step_generator(cfg.seed, micro, self.info.rank))
+                                                     generator=g)
         c = cond.values[idx].to(device)  # (B,) or (B, L); the model drops it to null w.p. cfg_dropout
         B, h, w, D = codes.shape
         with autocast(device, cfg.bf16):
@@ -270,8 +274,9 @@ class ARTask(TrainTask):
         mc, cfg = self.model_cfg, self.cfg
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return [f"RQ-Transformer {n_params / 1e6:.2f}M parameters, codes {tuple(mc.code_shape)} "
-                f"K={mc.vocab_size}, cond {self.cond.kind}, {len(self.cache)} cached items ({self.cache.path}), "
-                f"lr {cfg.learning_rate():g}, {world_size} process(es) x batch {cfg.batch_size}"]
+                f"K={mc.vocab_size}, cond {self.cond.kind}, {len(self.cache)} cached items "
+                f"({self.cache.path}), lr {cfg.learning_rate():g}, {world_size} process(es) x batch "
+                f"{cfg.batch_size}"]
 
     def save_final(self, run_dir: Path | None) -> None:
         if run_dir is None:

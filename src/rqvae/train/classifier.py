@@ -30,7 +30,8 @@ TAIL = 50  # the result's loss and accuracy are means over the last TAIL steps
 
 @dataclass(kw_only=True)
 class TrainClassifierConfig(TrainerConfig):
-    data: str = option(help="image folder with one sub-folder per class, WebDataset shards, or 'fmnist[:DIR]'")
+    data: str = option(help="image folder with one sub-folder per class, WebDataset shards, or "
+                            "'fmnist[:DIR]'")
     run_dir: str = option(help="output folder: the model (config.json + model.safetensors) and its run "
                                "(checkpoints/, metrics.jsonl, tb/)", flag="--out")
     steps: int = option(2000, "optimizer steps (2000: 89.5% Fashion-MNIST test accuracy, measured)")
@@ -38,10 +39,11 @@ class TrainClassifierConfig(TrainerConfig):
     lr: float = option(2e-3, "AdamW peak learning rate (cosine decay)")
     weight_decay: float = option(5e-4, "AdamW weight decay (matrices only)")
     image_size: int = option(32, "training image size (Fashion-MNIST: 32)")
-    channels: int | None = option(None, "1 (grayscale) or 3 (RGB); default: 1 for fmnist, else 3", choices=(1, 3))
+    channels: int | None = option(None, "1 (grayscale) or 3 (RGB); default: 1 for fmnist, else 3",
+                                  choices=(1, 3))
     width: int = option(32, "channels of the first stage")
-    test_split: str = option("test", "split for the held-out accuracy (Fashion-MNIST: test; folders: a 'test' "
-                                     "sub-folder); 'none' to skip")
+    test_split: str = option("test", "split for the held-out accuracy (Fashion-MNIST: test; folders: a "
+                                     "'test' sub-folder); 'none' to skip")
     flip: bool = option(True, "random horizontal flips")
 
     def validate(self) -> None:
@@ -73,7 +75,8 @@ class ClassifierTask(TrainTask):
     def build(self, info: DistInfo) -> None:
         cfg = self.cfg
         self.info, self.device = info, next(self.model.parameters()).device
-        opt = build_optimizer(self.model, "adamw", lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        opt = build_optimizer(self.model, "adamw", lr=cfg.lr, betas=(0.9, 0.99),
+                              weight_decay=cfg.weight_decay)
         self.modules, self.optimizers = {"model": self.model}, {"model": opt}
         self.schedulers = {"model": build_scheduler(opt, warmup_steps=min(100, cfg.steps // 10),
                                                     total_steps=cfg.steps, schedule="cosine")}
@@ -110,9 +113,9 @@ class ClassifierTask(TrainTask):
     def result(self, steps: int, seconds: float) -> TrainClassifierResult:
         if self.test_accuracy is None and self.eval_dataset is not None:  # resumed after the last step
             self.test_accuracy = evaluate_dataset(self.model, self.eval_dataset)
-        nan = torch.tensor(float("nan"))
-        losses, hits = (torch.stack(t).float().mean().item() for t in zip(*self.tail)) if self.tail else (nan, nan)
-        return TrainClassifierResult(steps=steps, final_loss=float(losses), train_accuracy=float(hits),
+        losses, hits = (torch.stack(t).float().mean().item() for t in zip(*self.tail)) if self.tail \
+            else (float("nan"), float("nan"))
+        return TrainClassifierResult(steps=steps, final_loss=losses, train_accuracy=hits,
                                      test_accuracy=self.test_accuracy, seconds=seconds)
 
 

@@ -84,7 +84,8 @@ class Logger:
         if progress and stream.isatty():
             from tqdm.auto import tqdm  # only for terminals
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, file=stream)
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+                             file=stream)
         elif progress:
             self._plain = PlainProgress(total_steps, start_step, desc, stream, interval)
 

@@ -74,7 +74,8 @@ class TrainerConfig:
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.sample_every >= 0, f"--sample-every must be >= 0, got {self.sample_every}"),
             (self.max_nonfinite >= 1, f"--max-nonfinite must be >= 1, got {self.max_nonfinite}"),
-            (self.ema_decay is None or 0 < self.ema_decay < 1, f"--ema must be in (0, 1), got {self.ema_decay}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1,
+             f"--ema must be in (0, 1), got {self.ema_decay}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -76,7 +76,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _rng_states() -> tuple[Any, ...]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.cuda.get_rng_state_all() if on_cuda else None
     return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
 
 
@@ -130,11 +131,11 @@ class Trainer:
         latest = latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
         started = (self.run_dir / "train_config.json").is_file()
         if latest is not None and not self.cfg.resume:
-            raise UserError(f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
-                            "continue that run or choose a new --out folder")
+            raise UserError(f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass --resume "
+                            "to continue that run or choose a new --out folder")
         if latest is None and self.cfg.resume and not started:
-            raise UserError(f"--resume: {self.run_dir} holds no run to continue (no checkpoint); drop --resume "
-                            "to start a new run there, or point --out at the run folder")
+            raise UserError(f"--resume: {self.run_dir} holds no run to continue (no checkpoint); drop "
+                            "--resume to start a new run there, or point --out at the run folder")
         return latest
 
     def _setup(self) -> None:
@@ -235,13 +236,14 @@ class Trainer:
     def _log(self) -> None:
         w, now = self._window, time.perf_counter()
         keys = sorted(w["sums"])
-        values = torch.stack([torch.as_tensor(w["sums"][k]).float().cpu() for k in keys]).tolist() if keys else []
+        sums = [torch.as_tensor(w["sums"][k]).float().cpu() for k in keys]
+        values = torch.stack(sums).tolist() if keys else []  # the window's one host sync
         means = dist.all_reduce_mean({k: v / max(1, w["ok"]) for k, v in zip(keys, values)})
         means.update(self.task.log_extras(means))
         elapsed = max(now - w["t"], 1e-9)
         images = w["steps"] * self.cfg.batch_size * self.cfg.grad_accum * self.info.world_size
-        means.update({"lr": self._lr, "nonfinite_steps": self.guard.total, "time/step_s": elapsed / w["steps"],
-                      "perf/images_per_s": images / elapsed})
+        means.update({"lr": self._lr, "nonfinite_steps": self.guard.total,
+                      "time/step_s": elapsed / w["steps"], "perf/images_per_s": images / elapsed})
         self.logger.scalars(self.step, means)
         self._window = {"sums": {}, "ok": 0, "steps": 0, "t": now}
 

@@ -58,11 +58,13 @@ class TrainVAEConfig(TrainerConfig):
     data: str = option(help="image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'")
     preset: str | None = option("fmnist32-8x8x4", f"model preset: {', '.join(VAE_PRESETS)}")
     model: dict[str, Any] = option(factory=dict, flag="--model-config", metavar="JSON",
-                                   help="JSON file (or inline JSON object) of RQVAEConfig fields over the preset")
+                                   help="JSON file (or inline JSON object) of RQVAEConfig fields over the "
+                                        "preset")
     image_size: int | None = option(None, "default: the preset's image size")
     channels: int | None = option(None, "default: the preset's", choices=(1, 3))
     augment: bool = option(False, "random crop + horizontal flip")
-    lr: float | None = option(None, "Adam learning rate (default: 4e-5 as official; 4e-4 fmnist32, 1e-3 tiny)")
+    lr: float | None = option(None, "Adam learning rate (default: 4e-5 as official; 4e-4 fmnist32, "
+                                    "1e-3 tiny)")
     betas: tuple[float, float] = option((0.5, 0.9), "Adam betas")
     warmup_steps: int | None = option(None, "linear warm-up steps (default: min(500, steps / 20))")
     schedule: str = option("constant", "LR schedule after the warm-up (cosine: to 0 at --steps)",
@@ -157,7 +159,8 @@ class VAETask(TrainTask):
         self.modules = {"vae": vae, "disc": disc}
         self.optimizers = {"vae": build_optimizer(vae, "adam", lr=lr, betas=tuple(cfg.betas)),
                            "disc": build_optimizer(disc, "adam", lr=lr, betas=tuple(cfg.betas))}
-        self.schedulers = {"vae": build_scheduler(self.optimizers["vae"], cfg.warmup(), cfg.steps, cfg.schedule)}
+        sched = build_scheduler(self.optimizers["vae"], cfg.warmup(), cfg.steps, cfg.schedule)
+        self.schedulers = {"vae": sched}
         self.sample_images = None
         if info.is_main:
             n = min(8, len(self.dataset)) if hasattr(self.dataset, "__len__") else 8
@@ -167,9 +170,9 @@ class VAETask(TrainTask):
     def batches(self, start: int) -> Iterator[Any]:
         from rqvae.data import make_loader
 
-        info = self.info
-        return iter(make_loader(self.dataset, self.cfg.batch_size, seed=self.cfg.seed, rank=info.rank,
-                                world_size=info.world_size, start_step=start, num_workers=self.cfg.num_workers))
+        cfg, info = self.cfg, self.info
+        return iter(make_loader(self.dataset, cfg.batch_size, seed=cfg.seed, rank=info.rank,
+                                world_size=info.world_size, start_step=start, num_workers=cfg.num_workers))
 
     def _disc_on(self, step: int) -> bool:
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
