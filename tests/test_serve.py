@@ -263,3 +263,14 @@ def test_cli_errors(root, capsys):
     assert "--port must be" in capsys.readouterr().err
     assert main(["serve", str(root / "nothing"), "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_store_keeps_the_latest_items():
+    from rqvae.serve.store import Bounded
+
+    b = Bounded(2)
+    b.add("a", 1)
+    b.add("b", 2)
+    assert b.get("a") == 1  # reading "a" makes "b" the oldest
+    b.add("c", 3)
+    assert (b.get("a"), b.get("b"), b.get("c")) == (1, None, 3)

@@ -10,7 +10,6 @@ The page works offline (one HTML page, vanilla JS and CSS, all served from here)
 from __future__ import annotations
 
 import argparse
-import socket
 
 from rqvae.errors import UserError
 
@@ -28,32 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, or a UserError naming the fix."""
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port must be 0..65535, got {port}")
-    try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        return socket.create_server(info[4][:2], family=info[0])
-    except socket.gaierror:
-        raise UserError(f"--host {host} is not a known address; use 127.0.0.1 (or 0.0.0.0 for all)") from None
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port "
-                        "(or --port 0 for a free one)") from None
-
-
-def url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}/"
-
-
 def run(args: argparse.Namespace) -> int:
-    import uvicorn  # imported here: the other commands do not need the web stack
-
+    # imported when the command runs (start-up time): torch, starlette and uvicorn load slowly
     from rqvae.serve.app import create_app
     from rqvae.serve.engine import Engine
     from rqvae.serve.models import load_models
+    from rqvae.serve.server import bind, make_server, url
 
     if args.max_images < 1 or args.batch_size < 1 or args.max_upload_mb <= 0:
         raise UserError("--max-images and --batch-size must be at least 1 and --max-upload-mb above 0")
@@ -61,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     models = load_models(args.paths, device=args.device)
     engine = Engine(models, max_images=args.max_images, batch_size=args.batch_size)
     app = create_app(engine, max_upload_mb=args.max_upload_mb)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = make_server(app)
     print(f"rqvae serve: {url(sock)}  (RQ-VAE {models.vae_dir}"
           + (f", RQ-Transformer {models.ar_dir}" if models.ar_dir else "") + "; Ctrl-C stops)", flush=True)
     try:

@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+from rqvae.cli.encode import weights_sha256
+from rqvae.data.common import reason
+from rqvae.data.images import load_image
+from rqvae.data.text import encode_texts
 from rqvae.errors import UserError
 from rqvae.serve.models import Models
 from rqvae.serve.store import Item, Job, Store
@@ -99,8 +103,6 @@ class Engine:
             return torch.full((req.n,), req.class_id, dtype=torch.long)
         if not req.prompt.strip():
             raise UserError("this model is text-conditional; type a prompt")
-        from rqvae.data.text import encode_texts
-
         ids = encode_texts(self.models.tokenizer, [req.prompt])  # (1, L)
         if int(ids.max()) >= c.text_vocab_size:
             raise UserError("the model's tokenizer.json gives ids beyond its text vocabulary; "
@@ -148,9 +150,6 @@ class Engine:
     # ------------------------------------------------------------------------------- uploads, views
     def encode_upload(self, data: bytes, name: str) -> Item:
         """Image file bytes (any mode, any size) -> an item with its codes; UserError if unreadable."""
-        from rqvae.data.common import reason
-        from rqvae.data.images import load_image
-
         cfg = self.models.vae.config
         try:
             x = load_image(data, cfg.image_size, cfg.in_channels)  # (C, S, S), resized and centre-cropped
@@ -168,12 +167,9 @@ class Engine:
             return item.views
 
     def codes_file(self, item: Item) -> bytes:
-        from rqvae.cli.encode import weights_sha256
-
         m = self.models
         if self._sha256 is None:
-            official = not (m.vae_dir / "model.safetensors").is_file()  # official folders hold model.pt
-            self._sha256 = "" if official else weights_sha256(m.vae_dir)
+            self._sha256 = weights_sha256(m.vae_dir)
         return codes_file(item.codes, m.vae.config, model_dir=m.vae_dir, sha256=self._sha256,
                           source=f"rqvae serve: {item.label}")
 

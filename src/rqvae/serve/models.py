@@ -14,8 +14,13 @@ from typing import Any
 
 import torch
 
+from rqvae.cli.sample import check_pair
+from rqvae.data.fmnist import FMNIST_CLASSES
+from rqvae.data.text import load_tokenizer
 from rqvae.errors import UserError
 from rqvae.models.hub import CONFIG_NAME
+from rqvae.models.transformer import RQTransformer
+from rqvae.models.vae import RQVAE
 
 MODEL_TYPES = ("rqvae", "rqtransformer")
 
@@ -42,7 +47,7 @@ def _model_type(folder: Path) -> str | None:
 
 def _model_folders(path: Path) -> list[Path]:
     """The model folders a command-line path stands for (itself, RUN/model, or its runs' models)."""
-    if (path / CONFIG_NAME).is_file() or (path / "config.yaml").is_file():
+    if (path / CONFIG_NAME).is_file():
         return [path]
     if (path / "model" / CONFIG_NAME).is_file():
         return [path / "model"]
@@ -61,9 +66,10 @@ def find_model_dirs(paths: list[str | Path]) -> tuple[Path, Path | None]:
         folders = _model_folders(path)
         if not folders:
             raise UserError(f"{path} holds no model: expected config.json (model_type rqvae or "
-                            "rqtransformer), RUN/model, or a `make demo` folder such as runs/demo")
+                            "rqtransformer), RUN/model, or a `make demo` folder such as runs/demo "
+                            "(convert official checkpoints first: rqvae convert-official)")
         for folder in folders:
-            kind = "rqvae" if (folder / "config.yaml").is_file() else _model_type(folder)
+            kind = _model_type(folder)
             if kind not in found:
                 raise UserError(f"{folder}/config.json has model_type {kind!r}; rqvae serve shows "
                                 "'rqvae' and 'rqtransformer' models")
@@ -109,8 +115,6 @@ def class_names(ar_dir: Path, num_classes: int) -> list[str]:
         return [str(n) for n in names]
     data = train_config(ar_dir).get("data")
     if isinstance(data, str) and (data == "fmnist" or data.startswith("fmnist:")):
-        from rqvae.data import FMNIST_CLASSES
-
         if len(FMNIST_CLASSES) == num_classes:
             return list(FMNIST_CLASSES)
     return [str(i) for i in range(num_classes)]
@@ -118,14 +122,11 @@ def class_names(ar_dir: Path, num_classes: int) -> list[str]:
 
 def load_models(paths: list[str | Path], device: str | None = None) -> Models:
     """Find, load and check the models (the RQ-VAE must be the one the RQ-Transformer was trained on)."""
-    from rqvae.cli.sample import check_pair, load_vae
-    from rqvae.models.transformer import RQTransformer
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but no CUDA device is available; use --device cpu")
     vae_dir, ar_dir = find_model_dirs(paths)
-    models = Models(vae=load_vae(vae_dir).to(dev).eval(), vae_dir=vae_dir, device=dev)
+    models = Models(vae=RQVAE.from_pretrained(vae_dir, map_location=dev).eval(), vae_dir=vae_dir, device=dev)
     if ar_dir is None:
         return models
     models.ar, models.ar_dir = RQTransformer.from_pretrained(ar_dir, map_location=dev).eval(), ar_dir
@@ -134,7 +135,5 @@ def load_models(paths: list[str | Path], device: str | None = None) -> Models:
     if cfg.cond_type == "class":
         models.class_names = class_names(ar_dir, cfg.num_classes)
     elif cfg.cond_type == "text":
-        from rqvae.data.text import load_tokenizer
-
         models.tokenizer = load_tokenizer(ar_dir, max_len=cfg.cond_len)
     return models
