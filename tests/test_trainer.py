@@ -3,6 +3,11 @@
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -141,3 +146,31 @@ def test_every_task_runs_through_the_one_trainer(tmp_path, monkeypatch, capsys):
     for desc in ("train-vae", "train-ar", "classifier"):
         assert f"{desc} step 2/2 loss " in err
         assert f"{desc}:" not in err  # no tqdm bar ("desc:  50%|...") off a terminal
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_command_ends_with_a_checkpoint(tmp_path, sig):
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i, img in enumerate(_images(16)[0]):
+        Image.fromarray(((img.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()).save(
+            data / f"{i}.png")
+    run = tmp_path / "run"
+    argv = ["train-vae", "--data", str(data), "--out", str(run), "--preset", "tiny", "--model-config",
+            '{"ch": 16, "codebook_size": 32}', "--image-size", "16", "--batch-size", "4", "--steps", "100000",
+            "--checkpoint-every", "100000", "--log-every", "1", "--sample-every", "0", "--no-tensorboard",
+            "--device", "cpu"]
+    p = subprocess.Popen([sys.executable, "-m", "rqvae", *argv], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() - t0 < 60:
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted: saved step" in err and "Traceback" not in err
+    step = int(latest_checkpoint(run).name.split("_")[1])
+    assert step >= 2 and f"saved step {step} " in err

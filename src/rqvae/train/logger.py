@@ -146,15 +146,8 @@ class Logger:
 
     def close(self) -> None:
         """Close every output (idempotent): the metrics file, TensorBoard and the progress output."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self._plain is not None:
-            self._plain.close()
-            self._plain = None
+        for name in ("_file", "_writer", "_bar", "_plain"):
+            handle = getattr(self, name)
+            if handle is not None:
+                handle.close()
+                setattr(self, name, None)
