@@ -240,3 +240,17 @@ def test_forward_reads_back_values_only_on_a_cpu():
     assert logits.shape == (2, 16, 2, TINY.vocab_size) and logits.device.type == "meta"
     with pytest.raises(UserError, match="codes must lie"):  # a CPU tensor is checked
         make("class")(torch.full((1, *TINY.code_shape), 99), torch.tensor([0]))
+
+
+def test_forward_on_a_depth_prefix():
+    """Codes of the first d depths: the depth stack's logits at depths < d do not see later depths, so they
+    equal the full model's when the spatial stack sees the same inputs (one position, T = 1 slot)."""
+    model = make("class", code_shape=(1, 1, 3))
+    codes = torch.randint(0, model.config.vocab_size, (2, 1, 1, 3))
+    full = model(codes, torch.arange(2))  # (B, 1, 3, K): position 0 sees only the condition
+    for d in (1, 2):
+        part = model(codes[..., :d], torch.arange(2))
+        assert part.shape == (2, 1, d, model.config.vocab_size)
+        torch.testing.assert_close(part, full[:, :, :d], rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="shape"):
+        model(torch.zeros(2, 1, 1, 4, dtype=torch.long), torch.arange(2))

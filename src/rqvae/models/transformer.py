@@ -191,8 +191,10 @@ class RQTransformer(PretrainedMixin, nn.Module):
     # Value-range checks read tensors back (int(t.min())): free on a CPU, a device sync on a GPU. The
     # entry points (generate, the CLI) check values; forward checks them only for CPU tensors.
     def check_codes(self, codes: torch.Tensor, *, values: bool = True) -> None:
+        """Codes (B, H, W, d) with 1 <= d <= D (the first d depths: the codec's entropy model of a prefix)."""
         c = self.config
-        if codes.dim() != 4 or tuple(codes.shape[1:]) != c.code_shape:
+        H, W, D = c.code_shape
+        if codes.dim() != 4 or tuple(codes.shape[1:3]) != (H, W) or not 1 <= codes.shape[3] <= D:
             raise UserError(f"codes have shape {tuple(codes.shape)}, the model expects (B, *{c.code_shape}); "
                             "encode with the RQ-VAE this model was trained on")
         if codes.dtype.is_floating_point:
@@ -256,16 +258,17 @@ class RQTransformer(PretrainedMixin, nn.Module):
         """Teacher-forced logits.
 
         codes (B, H, W, D) int64, cond: (B,) class ids, (B, L) text ids, or None for unconditional models.
-        Returns logits (B, H*W, D, K); with ``return_cond_logits=True`` (text models) also the next-token
-        logits of the text, (B, L-1, text_vocab): position i predicts text token i+1.
+        Returns logits (B, H*W, D, K); codes of only the first d < D depths give (B, H*W, d, K), the
+        spatial inputs then summing those d depths (an entropy model of the depth prefix). With
+        ``return_cond_logits=True`` (text models) also the next-token logits of the text,
+        (B, L-1, text_vocab): position i predicts text token i+1.
         In training mode with ``cfg_dropout > 0`` each condition is replaced by the null condition with
         that probability (classifier-free guidance training).
         """
         c = self.config
         on_cpu = codes.device.type == "cpu"
         self.check_codes(codes, values=on_cpu)
-        B = codes.shape[0]
-        H, W, D = c.code_shape
+        B, H, W, D = codes.shape  # D: the config's depth, or a prefix of it
         T, L = H * W, c.cond_len
         cond = self.check_cond(cond, batch_size=B, allow_null=True, values=on_cpu)  # (B, L)
         if self.training and c.cfg_dropout > 0:
@@ -281,7 +284,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
         h = x[:, L - 1:]  # (B, T, C): h_t predicts position t
 
         ctx = self.head_mlp(emb.cumsum(dim=2)[:, :, :-1])  # (B, T, D-1, C): head_mlp(E_{t,d-1})
-        v = torch.cat([h[:, :, None], ctx], dim=2) + self.pos_depth  # (B, T, D, C)
+        v = torch.cat([h[:, :, None], ctx], dim=2) + self.pos_depth[:D]  # (B, T, D, C)
         v = self.drop(v).reshape(B * T, D, -1)
         for blk in self.depth_blocks:
             v = blk(v)
