@@ -36,17 +36,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_images < 1 or args.batch_size < 1 or args.max_upload_mb <= 0:
         raise UserError("--max-images and --batch-size must be at least 1 and --max-upload-mb above 0")
-    sock = bind(args.host, args.port)
-    models = load_models(args.paths, device=args.device)
-    engine = Engine(models, max_images=args.max_images, batch_size=args.batch_size)
-    app = create_app(engine, max_upload_mb=args.max_upload_mb)
-    server = make_server(app)
-    print(f"rqvae serve: {url(sock)}  (RQ-VAE {models.vae_dir}"
-          + (f", RQ-Transformer {models.ar_dir}" if models.ar_dir else "") + "; Ctrl-C stops)", flush=True)
-    try:
-        server.run(sockets=[sock])  # uvicorn stops cleanly on Ctrl-C (SIGINT) and SIGTERM
-    finally:
-        engine.close()
-        sock.close()
+    sock = bind(args.host, args.port)  # first: a busy port fails before the models load
+    with sock:
+        models = load_models(args.paths, device=args.device)
+        engine = Engine(models, max_images=args.max_images, batch_size=args.batch_size)
+        server = make_server(create_app(engine, max_upload_mb=args.max_upload_mb))
+        ar = f", RQ-Transformer {models.ar_dir}" if models.ar_dir else ""
+        print(f"rqvae serve: {url(sock)}  (RQ-VAE {models.vae_dir}{ar}; Ctrl-C stops)", flush=True)
+        try:
+            server.run(sockets=[sock])  # uvicorn stops cleanly on Ctrl-C (SIGINT) and SIGTERM
+        finally:
+            engine.close()
     print("rqvae serve: stopped")
     return 0
