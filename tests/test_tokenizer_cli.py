@@ -57,9 +57,10 @@ def test_encode_decode_roundtrip(setup, tmp_path, capsys):
     with safe_open(str(codes_file), framework="pt") as f:
         meta = f.metadata()
     assert meta["codebook_size"] == "16" and json.loads(meta["code_shape"]) == [8, 8, 2]
-    sources = json.loads(meta["sources"])
-    assert [Path(s).name for s in sources] == ["a.png", "b.png", "c.png"]
+    assert json.loads(meta["sources"]) == ["a.png", "b.png", "sub/c.png"]
     assert len(meta["model_sha256"]) == 64
+    assert not any(str(setup) in v or str(Path.cwd()) in v for v in meta.values())  # no absolute paths
+    sources = [imgs / s for s in json.loads(meta["sources"])]
 
     # the same codes as the library gives for the same preprocessed images
     model = RQVAE.from_pretrained(model_dir).eval()

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--depth must be in 1..{model.config.depth}, got {args.depth}")
     sha = meta.get("model_sha256")
     if sha is not None and sha != weights_sha256(args.model):
-        print(f"rqvae decode: warning: {args.codes} was encoded by other weights ({meta.get('model_path')}); "
+        print(f"rqvae decode: warning: {args.codes} was encoded by other weights "
+              f"(model {meta.get('model_name', meta.get('model_path'))!r}); "
               "the images will differ from the originals", file=sys.stderr)
     try:
         sources = json.loads(meta.get("sources", "[]"))

@@ -38,6 +38,15 @@ def weights_sha256(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def _relative(file: Path, inputs: list[str]) -> str:
+    """The file's path relative to the input folder it was found in (its name for a file given directly):
+    codes files name their sources without absolute paths."""
+    for root in map(Path, inputs):
+        if root.is_dir() and file.resolve().is_relative_to(root.resolve()):
+            return file.resolve().relative_to(root.resolve()).as_posix()
+    return file.name
+
+
 def load_model(model_dir: str, device: str):
     from rqvae.models.vae import RQVAE
 
@@ -72,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
         "depth": str(cfg.depth),
         "image_size": str(cfg.image_size),
         "in_channels": str(cfg.in_channels),
-        "model_path": str(Path(args.model).resolve()),
+        "model_name": Path(args.model).resolve().name,  # a name for messages; no absolute path is stored
         "model_sha256": weights_sha256(args.model),
-        "sources": json.dumps([str(f) for f in files]),
+        "sources": json.dumps([_relative(f, args.images) for f in files]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors({"codes": codes_t.contiguous()}, out, metadata=meta)
