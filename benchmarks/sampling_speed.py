@@ -98,19 +98,20 @@ def compare_baseline(rev: str, repeats: int, out) -> None:
     out("|---|---|---|---|---|")
     for name, (cfg, _) in OFFICIAL.items():
         model = build(cfg)
+        old_model = base(model.config, codebook=model.codebook).eval()  # the same weights in the old class
+        old_model.load_state_dict(model.state_dict())
         cond = torch.arange(8) % cfg.num_classes
 
-        def run(generate, model=model, cond=cond):
+        def run(m, cond=cond):
             c = time.process_time()
-            codes = generate(model, cond, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+            codes = m.generate(cond, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
             return time.process_time() - c, codes
 
-        now_fn, old_fn = RQTransformer.generate, base.generate
-        same = torch.equal(run(now_fn)[1], run(old_fn)[1])  # also the warm-up
+        same = torch.equal(run(model)[1], run(old_model)[1])  # also the warm-up
         t_old, t_now = [], []
         for _ in range(repeats):
-            t_old.append(run(old_fn)[0])
-            t_now.append(run(now_fn)[0])
+            t_old.append(run(old_model)[0])
+            t_now.append(run(model)[0])
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
         out(f"| {name} | {min(t_old):.3f} / {med(t_old):.3f} | {min(t_now):.3f} / {med(t_now):.3f} | "
             f"{min(t_old) / min(t_now):.2f}x / {med(t_old) / med(t_now):.2f}x | {same} |")
