@@ -4,38 +4,13 @@ pass's logits when fed the same codes."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
 import rqvae.models.generate_fast as gf
 from rqvae.models.sampling import Sampler
-from rqvae.models.transformer import AR_PRESETS, RQTransformer
-
-TINY = AR_PRESETS["tiny"]  # (4, 4, 2) codes, K 16, width 32, 2 + 1 layers
-
-
-def make(cond_type: str = "class", seed: int = 0, scale: float = 0.3, **kw) -> RQTransformer:
-    torch.manual_seed(seed)
-    extra = {"text": dict(text_vocab_size=20, cond_len=3)}.get(cond_type, {})
-    cfg = replace(TINY, cond_type=cond_type, **{**extra, **kw})
-    model = RQTransformer(cfg, codebook=torch.randn(cfg.vocab_size, cfg.embed_dim))
-    with torch.no_grad():  # random (not the init's near-zero) weights: every path changes the logits
-        for p in model.parameters():
-            p.normal_(0, scale)
-    return model.eval()
-
-
-def cond_for(model: RQTransformer, B: int) -> torch.Tensor | None:
-    c = model.config
-    if c.cond_type == "class":
-        return torch.arange(B) % c.num_classes
-    if c.cond_type == "text":
-        g = torch.Generator().manual_seed(1)
-        return torch.randint(0, c.text_vocab_size, (B, c.cond_len), generator=g)
-    return None
-
+from rqvae.models.transformer import RQTransformer
+from tests.ar_fixtures import cond_for, make
 
 CASES = [("class", 1.0), ("uncond", 1.0), ("text", 1.0), ("class", 3.0), ("text", 2.0)]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -11,30 +10,7 @@ import torch
 from rqvae.errors import UserError
 from rqvae.models.sampling import guide, per_depth, sample_from_logits, top_k_filter, top_p_filter
 from rqvae.models.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig, count_sampling_flops
-
-TINY = AR_PRESETS["tiny"]  # (4, 4, 2) codes, K 16, width 32, 2 + 1 layers
-
-
-def make(cond_type: str = "class", seed: int = 0, **kw) -> RQTransformer:
-    torch.manual_seed(seed)
-    extra = {"text": dict(text_vocab_size=20, cond_len=3)}.get(cond_type, {})
-    cfg = replace(TINY, cond_type=cond_type, **extra, **kw)
-    model = RQTransformer(cfg, codebook=torch.randn(cfg.vocab_size, cfg.embed_dim))
-    # random (not the init's near-zero) weights, so that every path changes the logits visibly
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
-
-
-def cond_for(model: RQTransformer, B: int) -> torch.Tensor | None:
-    c = model.config
-    if c.cond_type == "class":
-        return torch.arange(B) % c.num_classes
-    if c.cond_type == "text":
-        g = torch.Generator().manual_seed(1)
-        return torch.randint(0, c.text_vocab_size, (B, c.cond_len), generator=g)
-    return None
+from tests.ar_fixtures import TINY, cond_for, make
 
 
 @pytest.mark.parametrize("cond_type", ["class", "text"])
