@@ -240,3 +240,20 @@ def test_cli_eval_accuracy_and_classifier_score(tmp_path, capsys):
     write_pngs(tmp_path / "bad" / "zebra", smooth_images(2, seed=1, size=16, channels=1))
     assert main(["eval", "--accuracy", str(tmp_path / "bad"), "--classifier", str(tmp_path / "clf")]) == 2
     assert "neither a class id" in capsys.readouterr().err
+
+
+def test_cli_eval_fid_floor_is_real_images_against_the_reference(net, tmp_path, capsys):
+    root, gen = tmp_path / "data", tmp_path / "gen"
+    write_pngs(root / "train", smooth_images(5, seed=11))
+    write_pngs(root / "test", smooth_images(5, seed=12))
+    write_pngs(gen, torch.rand(5, 3, 32, 32) * 2 - 1)  # white noise: far from the data
+    out = tmp_path / "r.json"
+    assert main(["eval", "--fid", str(gen), "--ref", str(root), "--ref-split", "test", "--floor-split",
+                 "train", "--cache-dir", str(tmp_path / "c"), "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())["fid"]
+    test = compute_stats([load_images(sorted((root / "test").glob("*.png")), 3, 32)], net)
+    want = frechet_distance([load_images(sorted((root / "train").glob("*.png")), 3, 32)], test, net)[0]
+    assert res["floor"] == pytest.approx(want, rel=1e-6)
+    assert res["fid"] > 2 * res["floor"]  # noise is far worse than real images of the other split
+    captured = capsys.readouterr()
+    assert "floor" in captured.out and "biased upwards" in captured.err

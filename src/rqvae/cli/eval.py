@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from rqvae.errors import UserError
+
+SMALL_FID = 2000  # below this many images FID is dominated by its small-sample bias
 
 EPILOG = """examples:
   rqvae eval --fid samples/ --ref fmnist --ref-count 10000          FID of PNGs against Fashion-MNIST train
@@ -42,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="size the reference images are prepared at (default: the size of the generated "
                         "images; Fashion-MNIST is padded 28 -> 32 for 32)")
     g.add_argument("--save-stats", metavar="PATH", help="also write the reference statistics to PATH")
+    g.add_argument("--floor-split", metavar="SPLIT", default=None,
+                   help="also the FID floor: as many REAL images of the reference data's SPLIT as there "
+                        "are generated images, against the same reference (e.g. --ref fmnist "
+                        "--ref-split test --floor-split train)")
     t = p.add_argument_group("tokenizer (RQ-VAE) quality")
     t.add_argument("--rfid", action="store_true", help="FID of --data images vs their reconstructions")
     t.add_argument("--recon", action="store_true", help="MSE / PSNR / SSIM per depth and code usage")
@@ -113,6 +120,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (args.fid or args.ref or args.rfid or args.recon or args.accuracy or args.is_dir):
         raise UserError("nothing to evaluate; pass --fid GEN_DIR --ref REF, --rfid/--recon --model VAE_DIR "
                         "--data SPEC, or --accuracy/--is GEN_DIR --classifier CLS_DIR (see --help)")
+    if args.floor_split and (not args.fid or not args.ref or args.ref.endswith(".safetensors")):
+        raise UserError("--floor-split needs --fid GEN_DIR and a --ref dataset (not a statistics file)")
     if args.fid and not args.ref:
         raise UserError("--fid needs --ref (an image folder, 'fmnist' or a statistics file)")
     if (args.rfid or args.recon) and not (args.model and args.data):
@@ -128,7 +137,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _reference_and_fid(args: argparse.Namespace, net: Any, results: dict[str, Any]) -> None:
     from rqvae.eval.batches import dataset_batches, progress_bar, subset_indices  # torch: start-up time
-    from rqvae.eval.fid import frechet_distance, reference_stats
+    from rqvae.eval.fid import fid_floor, frechet_distance, reference_stats
 
     progress = not args.no_progress
     size = args.image_size or (_first_image_size(args.fid) if args.fid else None)
@@ -150,6 +159,14 @@ def _reference_and_fid(args: argparse.Namespace, net: Any, results: dict[str, An
                                       ref, net)
         results["fid"] = {"fid": value, "generated": args.fid, "num_generated": gen.count,
                           "num_reference": ref.count, "image_size": size}
+        if args.floor_split:
+            results["fid"]["floor"] = fid_floor(args.ref, args.floor_split, gen.count, ref, net, size,
+                                                batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                                seed=args.seed + 1, progress=progress)
+        if gen.count < SMALL_FID:
+            print(f"rqvae eval: warning: FID from {gen.count} generated images is biased upwards (it needs "
+                  f"several thousand); compare it with the floor at the same size (--floor-split)",
+                  file=sys.stderr)
 
 
 def _tokenizer(args: argparse.Namespace, net: Any) -> dict[str, Any]:

@@ -136,6 +136,26 @@ def frechet_distance(batches: Iterable[torch.Tensor], reference: FeatureStats,
     return float(metric.compute()), stats
 
 
+def stats_distance(a: FeatureStats, b: FeatureStats, net: nn.Module) -> float:
+    """FID between two sets given by their statistics (the same computation as :func:`frechet_distance`)."""
+    metric = fid_metric(net)
+    a.load_into(metric, real=True)
+    b.load_into(metric, real=False)
+    metric.orig_dtype = torch.float32  # set by torchmetrics' update(), which loaded statistics skip
+    return float(metric.compute())
+
+
+def fid_floor(spec: str, split: str, count: int, reference: FeatureStats, net: InceptionFeatures,
+              image_size: int, channels: int = 3, batch_size: int = 50,
+              cache_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = False) -> float:
+    """The floor of an FID measured with ``count`` images: the FID of ``count`` REAL images of ``spec``'s
+    ``split`` against the same reference. FID is biased upwards at small sizes (a few thousand images or
+    fewer), so a model's FID means something only next to this value at the same size."""
+    real, _, _ = reference_stats(spec, net, image_size, channels, split, count, batch_size, cache_dir, seed,
+                                 progress)
+    return stats_distance(reference, real, net)
+
+
 def _canonical_spec(spec: str) -> str:
     if spec == "fmnist" or spec.startswith("fmnist:"):
         root = spec.split(":", 1)[1] if ":" in spec else ""

@@ -25,6 +25,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("FID")
         row("generated", f"{r['generated']} ({r['num_generated']} images at {r['image_size']}px)")
         row("FID", r["fid"])
+        if "floor" in r:
+            row("floor (real vs reference)", r["floor"])
+            row("FID - floor", r["fid"] - r["floor"])
     if "tokenizer" in results:
         r = results["tokenizer"]
         lines.append(f"tokenizer {r.get('model', '')} on {r['data']} ({r['split']}, "
