@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rqvae.train import checkpoint as ck
 from rqvae.errors import UserError
+from rqvae.train import checkpoint as ck
 from rqvae.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 

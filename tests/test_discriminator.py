@@ -16,7 +16,9 @@ from rqvae.models.discriminator import (
     hinge_d_loss,
 )
 from rqvae.models.lpips import LPIPS
-from rqvae.train.common import ModelEMA, NonFiniteGuard, NonFiniteLossError, build_scheduler, lr_factor
+from rqvae.train.ema import ModelEMA
+from rqvae.train.guard import NonFiniteGuard, NonFiniteLossError
+from rqvae.train.optim import build_scheduler, lr_factor
 
 
 def test_patchgan_matches_official_layout():

@@ -22,16 +22,11 @@ from rqvae.eval.fid import fid
 from rqvae.eval.figures import coarse_to_fine_grid
 from rqvae.eval.inception import InceptionFeatures
 from rqvae.eval.tokenizer import evaluate_tokenizer
-from rqvae.models.classifier import (
-    Classifier,
-    ClassifierConfig,
-    classifier_accuracy,
-    evaluate_dataset,
-    train_classifier,
-)
+from rqvae.models.classifier import Classifier, ClassifierConfig, classifier_accuracy
 from rqvae.models.transformer import RQTransformer
 from rqvae.models.vae import RQVAE
 from rqvae.train.ar import TrainARConfig, train_ar
+from rqvae.train.classifier import evaluate_dataset, train_classifier
 from rqvae.train.vae import TrainVAEConfig, train_vae
 
 # name -> (RQVAEConfig overrides of the fmnist32-8x8x4 preset, label in the table)

@@ -10,10 +10,11 @@ import torch
 
 from rqvae.data.build import build_image_dataset
 from rqvae.demo.config import DemoConfig
-from rqvae.models.classifier import Classifier, ClassifierConfig, evaluate_dataset, train_classifier
+from rqvae.models.classifier import Classifier, ClassifierConfig
 from rqvae.models.transformer import RQTransformer
 from rqvae.models.vae import RQVAE
 from rqvae.train.ar import TrainARConfig, train_ar
+from rqvae.train.classifier import evaluate_dataset, train_classifier
 from rqvae.train.vae import TrainVAEConfig, train_vae
 
 

@@ -179,17 +179,3 @@ def rejection_sample(images: torch.Tensor, labels: torch.Tensor, classifier: Cla
     keep = torch.cat(kept)
     keep = keep[torch.sort(-scores[keep].double(), stable=True).indices]  # best first overall
     return RejectionSample(images[keep], labels[keep], keep, scores[keep])
-
-
-# Training moved to rqvae.train.classifier (issue 9). These names are still served from here, lazily (a
-# top-level import would make the model package depend on the trainer), until every caller imports them
-# from rqvae.train.classifier.
-_MOVED = ("TrainClassifierResult", "evaluate_dataset", "train_classifier")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import rqvae.train.classifier as training
-
-        return getattr(training, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
