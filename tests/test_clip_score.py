@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from rqvae.cli import main
 from rqvae.data.images import save_image
 from rqvae.errors import UserError
 from rqvae.eval.clip_convert import load_clip_tokenizer
@@ -288,3 +289,24 @@ def test_bad_files_are_one_line_user_errors(trained, tmp_path):
         with pytest.raises(UserError, match=message) as e:
             load_clip(path, tokenizer=tok)
         assert "\n" not in str(e.value)
+
+
+def test_cli_eval_clip_score(trained, tmp_path, capsys):
+    _, weights, bpe = trained
+    names = list(COLOURS)
+    images = colour_images(names, noise=0.3, generator=torch.Generator().manual_seed(7))
+    rows = []
+    for i, (x, name) in enumerate(zip(images, names)):
+        save_image(x, tmp_path / "samples" / f"{i:03d}.png")
+        rows.append({"file": f"{i:03d}.png", "text": name})
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--clip-score", str(tmp_path / "samples"), "--captions",
+                 str(tmp_path / "captions.jsonl"), "--clip-weights", str(weights),
+                 "--clip-tokenizer", str(bpe), "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())["clip"]
+    assert res["n"] == len(names)
+    assert res["score"] == pytest.approx(clip_score(images, names, weights, tokenizer=bpe)["score"], abs=1e-4)
+    assert "CLIP score" in capsys.readouterr().out
+    assert main(["eval", "--clip-score", str(tmp_path / "samples")]) == 2
+    assert "--captions" in capsys.readouterr().err

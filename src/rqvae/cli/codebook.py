@@ -12,6 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
+from rqvae.data import build_image_dataset
+from rqvae.eval.codebook import codebook_report, format_report, plot_report
+from rqvae.eval.model_info import resolve_model_dir
+from rqvae.official.load import is_official_folder
+from rqvae.official.vae import load_rqvae
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model",
@@ -24,11 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.data import build_image_dataset
-    from rqvae.eval.codebook import codebook_report, format_report, plot_report
-    from rqvae.eval.model_info import resolve_model_dir
-    from rqvae.official.load import is_official_folder
-    from rqvae.official.vae import load_rqvae
 
     path = Path(args.model)
     vae = load_rqvae(path if is_official_folder(path) else resolve_model_dir(path)).eval()

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from rqvae import distributed
 from rqvae.config import add_config_arguments, config_from_args
 
 
@@ -18,7 +19,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, config_class: type) 
 
 def run_training(config_class: type, args: argparse.Namespace, train: Callable[[Any], Any]) -> Any:
     """Build the config from ``args`` (``--config`` file, then explicit flags) and call ``train(cfg)``."""
-    from rqvae import distributed
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = config_from_args(config_class, args)

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
+from rqvae.codec.codec import compress_codes, most_likely_class
+from rqvae.data.images import find_images, load_images
+from rqvae.data.text import encode_texts, load_tokenizer
 from rqvae.errors import UserError
+from rqvae.models.transformer import RQTransformer
+from rqvae.official.vae import load_rqvae
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_models(vae_dir: str, prior_dir: str | None):
     """(vae, prior or None) on the CPU in eval mode: the codec's reference arithmetic is fp32 on the CPU."""
-    from rqvae.models.transformer import RQTransformer
-    from rqvae.official.vae import load_rqvae
 
     vae = load_rqvae(vae_dir).eval()
     prior = RQTransformer.from_pretrained(prior_dir).eval() if prior_dir else None
@@ -41,7 +44,6 @@ def load_models(vae_dir: str, prior_dir: str | None):
 
 
 def _condition(prior, args: argparse.Namespace, codes: torch.Tensor, depth: int) -> tuple[int, ...]:
-    from rqvae.codec.codec import most_likely_class
 
     kind = "none" if prior is None else prior.config.cond_type
     if kind == "class":
@@ -56,7 +58,6 @@ def _condition(prior, args: argparse.Namespace, codes: torch.Tensor, depth: int)
     if kind == "text":
         if args.prompt is None:
             raise UserError("this prior is text-conditional; pass --prompt \"a caption\"")
-        from rqvae.data.text import encode_texts, load_tokenizer
 
         tok = load_tokenizer(args.prior, max_len=prior.config.cond_len)
         return tuple(int(v) for v in encode_texts(tok, [args.prompt])[0])
@@ -66,8 +67,6 @@ def _condition(prior, args: argparse.Namespace, codes: torch.Tensor, depth: int)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.codec.codec import compress_codes
-    from rqvae.data.images import find_images, load_images
 
     files = find_images(args.images)
     out = Path(args.output)

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from rqvae.cli.encode import load_model, weights_sha256
+from rqvae.data.images import save_image
 from rqvae.errors import UserError
 
 
@@ -73,8 +75,6 @@ def check_codes_match(codes: torch.Tensor, meta: dict[str, str], model, source: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.cli.encode import load_model, weights_sha256
-    from rqvae.data.images import save_image
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")

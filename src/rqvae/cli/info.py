@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from rqvae.eval.model_info import describe, format_info
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+",
@@ -15,7 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.eval.model_info import describe, format_info
 
     infos = [describe(p) for p in args.paths]
     if args.json:

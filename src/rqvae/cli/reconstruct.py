@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
+from rqvae.cli.encode import load_model
+from rqvae.data.images import find_images, load_images, save_image
 from rqvae.errors import UserError
+from rqvae.eval.figures import coarse_to_fine, tile_coarse_to_fine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +49,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.cli.encode import load_model
-    from rqvae.data.images import find_images, load_images, save_image
-    from rqvae.eval.figures import coarse_to_fine, tile_coarse_to_fine
 
     if args.max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {args.max_images}")

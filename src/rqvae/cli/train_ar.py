@@ -6,16 +6,15 @@ from __future__ import annotations
 import argparse
 
 from rqvae.cli.common import add_training_arguments, run_training
+from rqvae.train.ar import TrainARConfig, train_ar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rqvae.train.ar import TrainARConfig
 
     add_training_arguments(p, TrainARConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.train.ar import TrainARConfig, train_ar
 
     run_training(TrainARConfig, args, train_ar)
     return 0

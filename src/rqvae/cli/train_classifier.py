@@ -9,19 +9,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from rqvae import distributed
 from rqvae.cli.common import add_training_arguments, run_training
+from rqvae.data import build_image_dataset
+from rqvae.errors import UserError
+from rqvae.models.classifier import Classifier, ClassifierConfig
+from rqvae.train.classifier import TrainClassifierConfig, fit_classifier
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rqvae.train.classifier import TrainClassifierConfig
 
     add_training_arguments(p, TrainClassifierConfig)
 
 
 def _datasets(cfg: Any, channels: int) -> tuple[Any, Any]:
     """The training set and the held-out set (None when there is no separate one)."""
-    from rqvae.data import build_image_dataset
-    from rqvae.errors import UserError
 
     fmnist = cfg.data == "fmnist" or cfg.data.startswith("fmnist:")
     train = build_image_dataset(cfg.data, cfg.image_size, channels, split="train", augment=cfg.flip)
@@ -42,11 +46,7 @@ def _datasets(cfg: Any, channels: int) -> tuple[Any, Any]:
 
 
 def _train(cfg: Any) -> int:
-    import torch
 
-    from rqvae import distributed
-    from rqvae.models.classifier import Classifier, ClassifierConfig
-    from rqvae.train.classifier import fit_classifier
 
     fmnist = cfg.data == "fmnist" or cfg.data.startswith("fmnist:")
     channels = cfg.channels or (1 if fmnist else 3)
@@ -72,6 +72,5 @@ def _train(cfg: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae.train.classifier import TrainClassifierConfig
 
     return run_training(TrainClassifierConfig, args, _train)

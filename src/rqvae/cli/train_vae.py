@@ -6,18 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rqvae import distributed
 from rqvae.cli.common import add_training_arguments, run_training
+from rqvae.train.vae import TrainVAEConfig, train_vae
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rqvae.train.vae import TrainVAEConfig
 
     add_training_arguments(p, TrainVAEConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rqvae import distributed
-    from rqvae.train.vae import TrainVAEConfig, train_vae
 
     cfg = run_training(TrainVAEConfig, args, lambda cfg: (train_vae(cfg), cfg)[1])
     if distributed.get_rank() == 0:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from rqvae import distributed as dist
@@ -109,7 +110,6 @@ def _load(folder: Path) -> FeatureCache:
 
 
 def _loader(ds: Any, batch_size: int):
-    from torch.utils.data import DataLoader, IterableDataset
 
     if not isinstance(ds, IterableDataset) and not hasattr(ds, "__getitem__"):
         raise UserError("the dataset can be neither indexed nor iterated; build it with rqvae.data")

@@ -42,6 +42,10 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"  code usage (of K = {u['codebook_size']}) per depth:")
             for i, (used, ppl) in enumerate(zip(u["used"], u["perplexity"]), 1):
                 lines.append(f"  {i:>5} used {used:>6}  perplexity {ppl:10.2f}")
+    if "clip" in results:
+        r = results["clip"]
+        lines.append(f"CLIP score ({r['n']} image/caption pairs of {r['samples']})")
+        row("CLIP score", r["score"])
     if "classifier" in results:
         r = results["classifier"]
         lines.append(f"class-conditional samples (classifier {r['classifier']})")

@@ -41,10 +41,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rqvae import distributed as dist
 from rqvae.config import option
+from rqvae.data import ResumableBatchSampler, build_image_dataset
+from rqvae.data.features import load_or_build_features
+from rqvae.data.text import save_tokenizer
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
-from rqvae.models.transformer import AR_PRESETS, RQTransformerConfig
+from rqvae.models.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig
+from rqvae.models.vae import RQVAE
 from rqvae.train.ar_cond import Conditions, build_conditions, dataset_captions, sample_grid
 from rqvae.train.optim import build_optimizer, build_scheduler
 from rqvae.train.precision import autocast
@@ -195,9 +200,6 @@ class ARTask(TrainTask):
 
     def prepare(self, info: DistInfo) -> None:
         """The frozen tokenizer, the data, the cached features and the conditions."""
-        from rqvae.data import build_image_dataset
-        from rqvae.data.features import load_or_build_features
-        from rqvae.models.vae import RQVAE
 
         cfg = self.cfg
         self.info, self.device = info, info.device
@@ -217,8 +219,6 @@ class ARTask(TrainTask):
         self.cond = build_conditions(cfg, self.dataset, self.cache.labels, self.cache.captions)
 
     def build(self, info: DistInfo) -> None:
-        from rqvae import distributed as dist
-        from rqvae.models.transformer import RQTransformer
 
         cfg = self.cfg
         self.model_cfg = _model_config(cfg, self.vae, self.cond, self.cache.code_hw)
@@ -232,7 +232,6 @@ class ARTask(TrainTask):
         self.schedulers = {"model": build_scheduler(opt, cfg.warmup(), max(1, cfg.steps), "cosine")}
 
     def batches(self, start: int) -> Iterator[Any]:
-        from rqvae.data import ResumableBatchSampler
 
         info = self.info
         return iter(ResumableBatchSampler(len(self.cache), self.cfg.batch_size, self.cfg.seed, info.rank,
@@ -283,7 +282,6 @@ class ARTask(TrainTask):
             return
         out = self.model.save_pretrained(run_dir / "model")
         if self.cond.kind == "text":
-            from rqvae.data.text import save_tokenizer
 
             save_tokenizer(self.cond.tokenizer, out)
         log.info("saved the RQ-Transformer to %s", out)

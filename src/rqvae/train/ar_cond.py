@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from rqvae.data.features import dataset_files
+from rqvae.data.images import make_grid
+from rqvae.data.text import captions_for_files, encode_texts, load_tokenizer, pad_id, train_tokenizer
 from rqvae.errors import UserError
 
 
@@ -26,8 +29,6 @@ class Conditions:
 
 
 def dataset_captions(cfg: Any, ds: Any) -> list[str]:
-    from rqvae.data.features import dataset_files
-    from rqvae.data.text import captions_for_files
 
     if cfg.captions == "classes":  # e.g. Fashion-MNIST: the class name is the caption
         names = list(getattr(ds, "class_names", []))
@@ -48,7 +49,6 @@ def build_conditions(cfg: Any, ds: Any, labels: torch.Tensor, captions: list[str
     if cfg.cond == "class":
         names = list(getattr(ds, "class_names", [])) or [str(i) for i in range(int(labels.max()) + 1)]
         return Conditions("class", labels, num_classes=len(names), class_names=names)
-    from rqvae.data.text import encode_texts, load_tokenizer, pad_id, train_tokenizer
 
     assert captions is not None
     if cfg.tokenizer is not None:
@@ -68,13 +68,11 @@ def sample_grid(model: Any, vae: Any, cond: Conditions, n_per_cond: int, seed: i
     """Samples decoded by the VAE as one grid (C, H, W) in [-1, 1]: a row per class for class models,
     a row per prompt for text models, rows of 8 for unconditional ones. ``generate`` picks its own compute
     dtype (bf16 where the hardware has fast bf16 matmuls) unless ``bf16`` is False (then float32)."""
-    from rqvae.data.images import make_grid
 
     if cond.kind == "class":
         c = torch.arange(cond.num_classes).repeat_interleave(n_per_cond)  # (n_classes * n,)
         nrow = n_per_cond
     elif cond.kind == "text":
-        from rqvae.data.text import encode_texts
 
         c = encode_texts(cond.tokenizer, cond.prompts or [""]).repeat_interleave(n_per_cond, dim=0)  # (N, L)
         nrow = n_per_cond

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from rqvae.config import option
+from rqvae.data import batches, collate
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
 from rqvae.models.classifier import Classifier, predict_logits
@@ -83,7 +84,6 @@ class ClassifierTask(TrainTask):
         self.model.train()
 
     def batches(self, start: int) -> Iterator[Any]:
-        from rqvae.data import batches
 
         return batches(self.dataset, self.cfg.batch_size, seed=self.cfg.seed, start_step=start,
                        rank=self.info.rank, world_size=self.info.world_size)
@@ -146,7 +146,6 @@ def fit_classifier(cfg: TrainClassifierConfig, model: Classifier, dataset: Datas
 @torch.no_grad()
 def evaluate_dataset(model: Classifier, dataset: Dataset, batch_size: int = 512) -> float:
     """Accuracy on a map-style dataset of {"image", "label"} items."""
-    from rqvae.data import collate
 
     n = len(dataset)  # type: ignore[arg-type]
     correct = 0

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 
 from rqvae import distributed as dist
 from rqvae.config import option
+from rqvae.data import build_image_dataset, make_loader
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
+from rqvae.eval.figures import coarse_to_fine_grid
 from rqvae.models.discriminator import (
     DiscriminatorConfig,
     PatchDiscriminator,
@@ -134,7 +136,6 @@ class VAETask(TrainTask):
         self.lpips = None
 
     def prepare(self, info: DistInfo) -> None:
-        from rqvae.data import build_image_dataset
 
         cfg, mc = self.cfg, self.model_cfg
         self.info, self.device = info, info.device
@@ -168,7 +169,6 @@ class VAETask(TrainTask):
                 self.sample_images = torch.stack([self.dataset[i]["image"] for i in range(n)]).to(device)
 
     def batches(self, start: int) -> Iterator[Any]:
-        from rqvae.data import make_loader
 
         cfg, info = self.cfg, self.info
         return iter(make_loader(self.dataset, cfg.batch_size, seed=cfg.seed, rank=info.rank,
@@ -228,7 +228,6 @@ class VAETask(TrainTask):
 
     def sample(self, step: int) -> torch.Tensor | None:
         """Rows: originals, then reconstructions from the first d = 1..D codes (paper Fig. 5)."""
-        from rqvae.eval.figures import coarse_to_fine_grid
 
         return None if self.sample_images is None else coarse_to_fine_grid(self.model, self.sample_images)
 
