@@ -25,9 +25,11 @@ class RQTransformerConfig:
     cfg_dropout: float = 0.0  # training: probability of replacing the condition by the null one (CFG)
     dropout: float = 0.1  # residual dropout
     attn_dropout: float = 0.0
+    class_names: tuple[str, ...] = ()  # class models: optional names of the classes 0..num_classes-1
 
     def __post_init__(self) -> None:
         self.code_shape = tuple(int(s) for s in self.code_shape)  # type: ignore[assignment]
+        self.class_names = tuple(str(n) for n in self.class_names)
         if len(self.code_shape) != 3 or min(self.code_shape) < 1:
             raise UserError(f"code_shape must be (H, W, D) with positive sizes, got {self.code_shape}")
         if self.cond_type not in COND_TYPES:
@@ -48,6 +50,12 @@ class RQTransformerConfig:
         if self.cond_type == "uncond" and self.cfg_dropout > 0:
             raise UserError("cfg_dropout needs a class or text condition; "
                             "unconditional models have none to drop")
+        if self.class_names and self.cond_type != "class":
+            raise UserError(f"class_names are for class-conditional models; this one is {self.cond_type!r}: "
+                            "leave class_names empty")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise UserError(f"{len(self.class_names)} class names for {self.num_classes} classes: "
+                            "give exactly num_classes names, or none")
 
     @property
     def num_positions(self) -> int:
@@ -70,8 +78,9 @@ class RQTransformerConfig:
     def null_id(self) -> int:
         """Token id of the null condition used by classifier-free guidance (an extra embedding row)."""
         if not self.has_null_cond:
-            raise UserError("this model was not trained with cfg_dropout, so it has no null condition "
-                            "for classifier-free guidance; use --cfg-scale 1")
+            raise UserError("this model was trained without condition dropout, so classifier-free guidance "
+                            "has no null condition: use --cfg-scale 1, or train with --cond-dropout 0.1 "
+                            "(train-ar)")
         return self.cond_vocab
 
 

@@ -1,0 +1,53 @@
+"""RQTransformerConfig: class names, condition dropout of the presets, the null-condition error."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from rqvae.errors import UserError
+from rqvae.models.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig
+from tests.ar_fixtures import TINY, make
+
+NAMES = tuple(f"class-{i}" for i in range(TINY.num_classes))
+
+
+def test_class_names_are_saved_and_loaded(tmp_path):
+    model = make("class", class_names=list(NAMES))  # a list (as JSON gives it) becomes a tuple
+    assert model.config.class_names == NAMES
+    model.save_pretrained(tmp_path / "ar")
+    assert json.loads((tmp_path / "ar" / "config.json").read_text())["class_names"] == list(NAMES)
+    assert RQTransformer.from_pretrained(tmp_path / "ar").config.class_names == NAMES
+
+
+def test_config_json_without_class_names_still_loads(tmp_path):
+    make("class").save_pretrained(tmp_path / "ar")
+    path = tmp_path / "ar" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["class_names"]  # as written before the field existed
+    path.write_text(json.dumps(saved))
+    assert RQTransformer.from_pretrained(tmp_path / "ar").config.class_names == ()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(class_names=NAMES[:-1]), "9 class names for 10 classes"),
+    (dict(class_names=NAMES + ("extra",)), "11 class names for 10 classes"),
+    (dict(cond_type="uncond", class_names=NAMES), "class_names are for class-conditional models"),
+])
+def test_class_names_must_match_the_classes(kw, message):
+    with pytest.raises(UserError, match=message):
+        replace(TINY, **kw)
+
+
+def test_small_class_presets_have_a_null_condition_except_tiny():
+    assert AR_PRESETS["fmnist-small"].cfg_dropout == 0.1
+    # tiny stays without one: tests derive unconditional models from it and check the null-condition error
+    assert AR_PRESETS["tiny"].cfg_dropout == 0.0
+
+
+def test_null_condition_error_names_the_fix():
+    with pytest.raises(UserError) as err:
+        _ = RQTransformerConfig(cond_type="class").null_id
+    assert "--cfg-scale 1" in str(err.value) and "--cond-dropout 0.1 (train-ar)" in str(err.value)
