@@ -10,7 +10,7 @@ import torch
 import rqvae.models.generate_fast as gf
 from rqvae.models.sampling import Sampler
 from rqvae.models.transformer import RQTransformer
-from tests.ar_fixtures import cond_for, make
+from tests.ar_fixtures import VARIANTS, cond_for, make
 
 CASES = [("class", 1.0), ("uncond", 1.0), ("text", 1.0), ("class", 3.0), ("text", 2.0)]
 
@@ -42,6 +42,15 @@ def test_seeded_sampling_draws_identical_codes(cond_type, cfg_scale):
     assert not torch.equal(ref, greedy)  # really sampled
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_architecture_variants_draw_identical_codes(variant):
+    model = make("class", cfg_dropout=0.1, **VARIANTS[variant])
+    ref, fast = both(model, cond_for(model, 3), 3, top_k=1, cfg_scale=2.0)
+    assert torch.equal(ref, fast)
+    ref, fast = both(model, cond_for(model, 4), 4, temperature=1.2, top_k=8)
+    assert torch.equal(ref, fast)
+
+
 class ForcedSampler(Sampler):
     """Feeds given codes (B, T, D) instead of drawing, and records the logits each step saw."""
 
@@ -56,10 +65,11 @@ class ForcedSampler(Sampler):
         return code
 
 
-@pytest.mark.parametrize("cond_type", ["class", "uncond", "text"])
+@pytest.mark.parametrize("cond_type,variant", [("class", None), ("uncond", None), ("text", None)]
+                         + [("class", v) for v in VARIANTS])
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_cached_logits_equal_the_full_forward_pass(cond_type, impl):
-    model = make(cond_type)
+def test_cached_logits_equal_the_full_forward_pass(cond_type, variant, impl):
+    model = make(cond_type, **VARIANTS.get(variant, {}))
     B, (H, W, D) = 2, model.config.code_shape
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, model.config.vocab_size, (B, H, W, D), generator=g)
@@ -89,6 +99,14 @@ def test_fast_path_without_the_private_onednn_op(monkeypatch):
     ref, fast = both(model, cond, 2, top_k=4, cfg_scale=2.0)
     assert used and not any(used)
     assert torch.equal(ref, fast) and torch.equal(fast, with_onednn[1]) and torch.equal(ref, with_onednn[0])
+
+
+def test_wide_variant_on_the_packed_weight_path():
+    """Biases off and the sigmoid GELU (not fusable) on the layers that take oneDNN's packed linear."""
+    model = make("class", width=512, n_heads=8, n_depth_heads=4, code_shape=(2, 2, 2), cfg_dropout=0.1,
+                 scale=0.06, attn_bias=False, mlp_bias=False, gelu="sigmoid", per_depth_head=True)
+    ref, fast = both(model, cond_for(model, 2), 2, top_k=4, cfg_scale=2.0)
+    assert torch.equal(ref, fast)
 
 
 def test_bf16_reference_and_fast_track_each_other():

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rqvae.models.sampling import Sampler
+from rqvae.models.transformer_blocks import activation
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,23 +39,27 @@ def onednn_linear_available() -> bool:
 
 
 class _Linear:
-    """x @ W^T + b (optionally followed by exact GELU) for the few rows of one sampling step.
+    """x @ W^T + b (optionally then a GELU, "exact" or "sigmoid") for the few rows of one sampling step.
 
     At small batch a matmul streams its whole weight for a handful of rows. For fp32 weights of at least
     ONEDNN_MIN_WEIGHT entries on a CPU, the weight is reordered once into oneDNN's blocked layout for a
     batch of ``rows`` and the GELU is fused: 1.1-1.25x faster than MKL's sgemm for 8 rows on an AVX2
     CPU from 512 x 1536 up, slower below 256 x 1024 (measured, weights rotating through the L3 cache as
     in sampling). Otherwise (and without the private op): one addmm on the transposed weight (in, out) in
-    the compute dtype.
+    the compute dtype. A missing bias is a zero one (adding zeros changes no value). Only the exact GELU is
+    fused; the sigmoid one runs after the matmul.
     """
 
     ONEDNN_MIN_WEIGHT: ClassVar[int] = 2**19
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dt: torch.dtype, rows: int,
-                 gelu: bool = False) -> None:
-        self.gelu = gelu
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dt: torch.dtype, rows: int,
+                 gelu: str | None = None) -> None:
+        self.fused = gelu == "exact"
+        self.act = None if gelu is None else activation(gelu)
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
         self.onednn = (dt == torch.float32 and weight.device.type == "cpu"
-                       and weight.numel() >= self.ONEDNN_MIN_WEIGHT // (2 if gelu else 1)
+                       and weight.numel() >= self.ONEDNN_MIN_WEIGHT // (2 if self.fused else 1)
                        and onednn_linear_available())
         if self.onednn:
             self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), rows)
@@ -65,10 +70,11 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "gelu" if self.gelu else "none", [],
-                                                       "none" if self.gelu else "")
-        y = torch.addmm(self.b, x, self.w)
-        return F.gelu(y) if self.gelu else y
+            y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "gelu" if self.fused else "none", [],
+                                                    "none" if self.fused else "")
+        else:
+            y = torch.addmm(self.b, x, self.w)
+        return self.act(y) if self.act is not None and not (self.onednn and self.fused) else y
 
 
 @dataclass
@@ -79,23 +85,27 @@ class _BlockWeights:
     proj: _Linear  # C -> C
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    fc1: _Linear  # C -> 4C, with the exact GELU fused where the backend can
+    fc1: _Linear  # C -> 4C, then the GELU (the exact one fused where the backend can)
     fc2: _Linear  # 4C -> C
 
     @classmethod
     def pack(cls, block: nn.Module, n_heads: int, dt: torch.dtype, rows: int) -> _BlockWeights:
-        """Pack a :class:`rqvae.models.transformer.Block` (ln1, attn.{query,key,value,proj}, ln2, mlp)."""
+        """Pack a :class:`~rqvae.models.transformer_blocks.Block` (ln1, attn.{query,key,value,proj}, ln2,
+        mlp)."""
         a = block.attn
         C = a.query.weight.shape[1]
         scale = torch.tensor([(C // n_heads) ** -0.5, 1.0, 1.0], device=a.query.weight.device)  # q, k, v
         qkv_w = torch.stack([a.query.weight, a.key.weight, a.value.weight])  # (3, C_out, C_in)
-        qkv_b = torch.stack([a.query.bias, a.key.bias, a.value.bias])  # (3, C_out)
         qkv_w = (qkv_w * scale[:, None, None]).view(3, n_heads, -1, C).transpose(0, 1).reshape(3 * C, C)
-        qkv_b = (qkv_b * scale[:, None]).view(3, n_heads, -1).transpose(0, 1).reshape(3 * C)
+        qkv_b = None
+        if a.query.bias is not None:
+            qkv_b = torch.stack([a.query.bias, a.key.bias, a.value.bias])  # (3, C_out)
+            qkv_b = (qkv_b * scale[:, None]).view(3, n_heads, -1).transpose(0, 1).reshape(3 * C)
+        fc1, fc2 = block.mlp[0], block.mlp[2]
         return cls(block.ln1.weight, block.ln1.bias, _Linear(qkv_w, qkv_b, dt, rows),
                    _Linear(a.proj.weight, a.proj.bias, dt, rows), block.ln2.weight, block.ln2.bias,
-                   _Linear(block.mlp[0].weight, block.mlp[0].bias, dt, rows, gelu=True),
-                   _Linear(block.mlp[2].weight, block.mlp[2].bias, dt, rows))
+                   _Linear(fc1.weight, fc1.bias, dt, rows, gelu=block.mlp[1].kind),
+                   _Linear(fc2.weight, fc2.bias, dt, rows))
 
     def step(self, x: torch.Tensor, kv_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor:
         """One pre-LN block on one new token per row, x (B, C), at cache slot ``pos`` (fp32 residual stream).
@@ -123,27 +133,31 @@ class FastSampler:
     def __init__(self, model: nn.Module, dt: torch.dtype, rows: int) -> None:
         c = model.config
         self.config, self.dt, self.rows = c, dt, rows
-        self.n_heads = c.n_heads
+        H, W, D = c.code_shape
         self.spatial = [_BlockWeights.pack(b, c.n_heads, dt, rows) for b in model.spatial_blocks]
-        self.depth = [_BlockWeights.pack(b, c.n_heads, dt, rows) for b in model.depth_blocks]
-        self.input_table = model.codebook @ model.input_mlp.weight.t()  # (K, C) fp32: input_mlp(e(k)) - bias
-        self.head_table = model.codebook @ model.head_mlp.weight.t()  # (K, C) fp32: head_mlp(e(k)) - bias
+        self.depth = [_BlockWeights.pack(b, c.depth_heads, dt, rows) for b in model.depth_blocks]
+        # per depth d, (K, C) fp32: input_mlp(e_d(k)) - bias and head_mlp(e_d(k)) - bias, where e_d is the
+        # codebook of depth d (the same one for every d unless per_depth_codebooks)
+        books = model.codebook if c.per_depth_codebooks else model.codebook.expand(D, -1, -1)  # (D, K, n_z)
+        self.input_table = books @ model.input_mlp.weight.t()  # (D, K, C)
+        self.head_table = books @ model.head_mlp.weight.t()  # (D, K, C)
         self.head_bias = model.head_mlp.bias
         self.head_ln_w, self.head_ln_b = model.head.ln.weight, model.head.ln.bias
-        self.head = _Linear(model.head.linear.weight, model.head.linear.bias, dt, rows)
+        lin = model.head.linear
+        self.heads = ([_Linear(lin.weight[d], lin.bias[d], dt, rows) for d in range(D)] if c.per_depth_head
+                      else [_Linear(lin.weight, lin.bias, dt, rows)] * D)  # the output Linear of each depth
         # image-slot inputs before the code rows: PE_T(t) + D * input_mlp.bias (the bias counts D times)
         self.pos_spatial = model.pos_spatial + model.input_mlp.bias * c.depth  # (T, C)
         self.pos_depth = model.pos_depth  # (D, C)
-        H, W, D = c.code_shape
-        hd = c.width // c.n_heads
         device = model.codebook.device
-        self.s_kv = torch.empty(len(self.spatial), rows * c.n_heads, c.cond_len + H * W - 1, 2, hd,
-                                dtype=dt, device=device)  # per spatial layer: L + T - 1 slots
-        self.d_kv = torch.empty(len(self.depth), rows * c.n_heads, D, 2, hd, dtype=dt, device=device)
+        self.s_kv = torch.empty(len(self.spatial), rows * c.n_heads, c.cond_len + H * W - 1, 2,
+                                c.width // c.n_heads, dtype=dt, device=device)  # per spatial layer: L + T - 1
+        self.d_kv = torch.empty(len(self.depth), rows * c.depth_heads, D, 2, c.width // c.depth_heads,
+                                dtype=dt, device=device)  # per depth layer: D slots
 
     def spatial_step(self, x: torch.Tensor, pos: int) -> torch.Tensor:  # (Bx, C) at slot pos -> (Bx, C)
         for i, blk in enumerate(self.spatial):
-            x = blk.step(x, self.s_kv[i], pos, self.n_heads)
+            x = blk.step(x, self.s_kv[i], pos, self.config.n_heads)
         return x
 
     def decode_position(self, h: torch.Tensor, img_in: torch.Tensor,
@@ -157,13 +171,14 @@ class FastSampler:
         for d in range(D):
             y = v
             for i, blk in enumerate(self.depth):
-                y = blk.step(y, self.d_kv[i], d, self.n_heads)
+                y = blk.step(y, self.d_kv[i], d, self.config.depth_heads)
             hid = F.layer_norm(y, (self.config.width,), self.head_ln_w, self.head_ln_b).to(self.dt)
-            code = sampler.draw(self.head(hid), d)  # (Bx,)
+            code = sampler.draw(self.heads[d](hid), d)  # (Bx,)
             codes[:, d] = code
-            img_in = img_in + F.embedding(code, self.input_table)  # (Bx, C)
+            img_in = img_in + F.embedding(code, self.input_table[d])  # (Bx, C)
             if d + 1 < D:
-                cum = cum + F.embedding(code, self.head_table)
+                row = F.embedding(code, self.head_table[d])  # head_mlp(e_d(S_{t,d})) - bias
+                cum = cum + row if self.config.cumsum_depth else self.head_bias + row
                 v = cum + self.pos_depth[d + 1]
         return codes, img_in
 

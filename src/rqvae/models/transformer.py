@@ -47,87 +47,16 @@ from rqvae.errors import UserError
 from rqvae.models.generate_fast import generate_fast
 from rqvae.models.hub import PretrainedMixin
 from rqvae.models.sampling import Sampler, default_dtype
+from rqvae.models.transformer_blocks import Block, KVCache, OutputHead
 from rqvae.models.transformer_config import AR_PRESETS, RQTransformerConfig
-
-
-class KVCache:
-    """Static key/value cache of one attention layer for one ``generate`` call: slots 0..n-1 filled so far."""
-
-    def __init__(self, batch_size: int, n_heads: int, slots: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.k = torch.zeros(batch_size, n_heads, slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, h, n, hd) to slots pos..pos+n-1 -> keys and values of slots 0..pos+n-1."""
-        n = k.shape[2]
-        self.k[:, :, pos:pos + n] = k
-        self.v[:, :, pos:pos + n] = v
-        return self.k[:, :, :pos + n], self.v[:, :, :pos + n]
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, n_heads: int, attn_dropout: float, dropout: float) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(width, width)
-        self.value = nn.Linear(width, width)
-        self.proj = nn.Linear(width, width)
-        self.attn_dropout = attn_dropout
-        self.resid_drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        """x (B, L, C) -> (B, L, C). With a cache, x holds the tokens of slots pos..pos+L-1 and attends to
-        the cached slots before them too."""
-        B, L, C = x.shape
-        q, k, v = (m(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, h, L, hd)
-                   for m in (self.query, self.key, self.value))
-        if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, h, pos + L, hd)
-        n = k.shape[2]  # slots attended to
-        causal = L > 1 and n == L  # L tokens from slot 0: the plain causal mask
-        mask = None  # one new token sees every slot so far
-        if 1 < L < n:  # several new tokens after a cached prefix: slot pos+i sees slots <= pos+i
-            mask = torch.arange(n, device=x.device) <= pos + torch.arange(L, device=x.device)[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, C)))
-
-
-class Block(nn.Module):
-    """Pre-LN GPT block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x exact-GELU MLP."""
-
-    def __init__(self, width: int, n_heads: int, attn_dropout: float, dropout: float) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, n_heads, attn_dropout, dropout)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
-                                 nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, pos)
-        return x + self.mlp(self.ln2(x))
-
-
-class OutputHead(nn.Module):
-    """LayerNorm + Linear: the classifier over the codebook (shared by all depths) or the text vocabulary."""
-
-    def __init__(self, width: int, n_out: int) -> None:
-        super().__init__()
-        self.ln = nn.LayerNorm(width)
-        self.linear = nn.Linear(width, n_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.ln(x))
 
 
 class RQTransformer(PretrainedMixin, nn.Module):
     """Stage-2 model. ``RQTransformer(config, codebook)`` with the RQ-VAE codebook (K, n_z).
 
     The codebook is stored as a (frozen) buffer, so a saved model is self-contained; without one the
-    buffer is zeros, to be filled by ``from_pretrained`` / ``load_state_dict``.
+    buffer is zeros, to be filled by ``from_pretrained`` / ``load_state_dict``. With
+    ``config.per_depth_codebooks`` it is (D, K, n_z), one codebook per depth.
     """
 
     config_class: ClassVar[type] = RQTransformerConfig
@@ -139,15 +68,15 @@ class RQTransformer(PretrainedMixin, nn.Module):
         c = config
         H, W, D = c.code_shape
         if codebook is None:
-            codebook = torch.zeros(c.vocab_size, c.embed_dim)
+            codebook = torch.zeros(c.codebook_shape)
         codebook = codebook.detach().float()
         if codebook.dim() == 3 and codebook.shape[0] == 1:  # a shared ResidualQuantizer codebook (1, K, n_z)
             codebook = codebook[0]
-        if tuple(codebook.shape) != (c.vocab_size, c.embed_dim):
+        if tuple(codebook.shape) != c.codebook_shape:
             raise UserError(f"codebook has shape {tuple(codebook.shape)}, the config expects "
-                            f"(vocab_size, embed_dim) = ({c.vocab_size}, {c.embed_dim}); pass the RQ-VAE "
-                            "that the codes come from")
-        self.register_buffer("codebook", codebook.clone())  # (K, n_z), frozen
+                            f"{'(depth, ' if c.per_depth_codebooks else '('}vocab_size, embed_dim) = "
+                            f"{c.codebook_shape}; pass the RQ-VAE that the codes come from")
+        self.register_buffer("codebook", codebook.clone())  # (K, n_z) or (D, K, n_z), frozen
 
         n_cond = c.cond_vocab + (1 if c.has_null_cond else 0)
         self.cond_emb = nn.Embedding(n_cond, c.width)
@@ -157,11 +86,12 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.input_mlp = nn.Linear(c.embed_dim, c.width)  # spatial input: project each depth, then sum
         self.head_mlp = nn.Linear(c.embed_dim, c.width)  # depth input: cumulative sum, then project
         self.drop = nn.Dropout(c.dropout)
+        kw = dict(attn_bias=c.attn_bias, mlp_bias=c.mlp_bias, gelu=c.gelu)
         self.spatial_blocks = nn.ModuleList(
-            Block(c.width, c.n_heads, c.attn_dropout, c.dropout) for _ in range(c.n_spatial_layers))
+            Block(c.width, c.n_heads, c.attn_dropout, c.dropout, **kw) for _ in range(c.n_spatial_layers))
         self.depth_blocks = nn.ModuleList(
-            Block(c.width, c.n_heads, c.attn_dropout, c.dropout) for _ in range(c.n_depth_layers))
-        self.head = OutputHead(c.width, c.vocab_size)
+            Block(c.width, c.depth_heads, c.attn_dropout, c.dropout, **kw) for _ in range(c.n_depth_layers))
+        self.head = OutputHead(c.width, c.vocab_size, depth=D if c.per_depth_head else None)
         self.text_head = OutputHead(c.width, c.text_vocab_size) if c.cond_type == "text" else None
         if self.codebook.device.type != "meta":  # nothing to initialise when only counting parameters
             self.apply(self._init_weights)
@@ -250,7 +180,10 @@ class RQTransformer(PretrainedMixin, nn.Module):
 
     # ---------------------------------------------------------------------------------------- forward
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """e(S): (B, H, W, D) -> (B, H, W, D, n_z), rows of the frozen codebook."""
+        """e(S): (..., d) -> (..., d, n_z), rows of the frozen codebook (of depth 0..d-1 with per-depth
+        codebooks)."""
+        if self.config.per_depth_codebooks:
+            return self.codebook[torch.arange(codes.shape[-1], device=codes.device), codes]
         return F.embedding(codes, self.codebook)
 
     def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None,
@@ -283,7 +216,8 @@ class RQTransformer(PretrainedMixin, nn.Module):
             x = blk(x)
         h = x[:, L - 1:]  # (B, T, C): h_t predicts position t
 
-        ctx = self.head_mlp(emb.cumsum(dim=2)[:, :, :-1])  # (B, T, D-1, C): head_mlp(E_{t,d-1})
+        ctx = emb.cumsum(dim=2) if c.cumsum_depth else emb  # E_{t,d} or e(S_{t,d})
+        ctx = self.head_mlp(ctx[:, :, :-1])  # (B, T, D-1, C): head_mlp(E_{t,d-1})
         v = torch.cat([h[:, :, None], ctx], dim=2) + self.pos_depth[:D]  # (B, T, D, C)
         v = self.drop(v).reshape(B * T, D, -1)
         for blk in self.depth_blocks:
@@ -341,10 +275,11 @@ class RQTransformer(PretrainedMixin, nn.Module):
         image slot but the last), D slots per depth layer (reused at every position)."""
         c = self.config
         kw = dict(dtype=dtype, device=self.codebook.device)
-        hd = c.width // c.n_heads
-        spatial = [KVCache(batch_size, c.n_heads, c.cond_len + c.num_positions - 1, hd, **kw)
+        slots = c.cond_len + c.num_positions - 1
+        spatial = [KVCache(batch_size, c.n_heads, slots, c.width // c.n_heads, **kw)
                    for _ in self.spatial_blocks]
-        depth = [KVCache(batch_size, c.n_heads, c.depth, hd, **kw) for _ in self.depth_blocks]
+        depth = [KVCache(batch_size, c.depth_heads, c.depth, c.width // c.depth_heads, **kw)
+                 for _ in self.depth_blocks]
         return spatial, depth
 
     def spatial_step(self, x: torch.Tensor, caches: list[KVCache], pos: int) -> torch.Tensor:
@@ -364,9 +299,11 @@ class RQTransformer(PretrainedMixin, nn.Module):
             y = v[:, None]  # (B, 1, C) at depth slot d
             for blk, cache in zip(self.depth_blocks, caches):
                 y = blk(y, cache, d)
-            codes[:, d] = sampler.draw(self.head(y[:, 0]), d)  # logits (B, K) -> (B,)
+            codes[:, d] = sampler.draw(self.head.at_depth(y[:, 0], d), d)  # logits (B, K) -> (B,)
             if d + 1 < D:
-                cum = cum + self.codebook[codes[:, d]]
+                e = self.codebook[d][codes[:, d]] if self.config.per_depth_codebooks \
+                    else self.codebook[codes[:, d]]  # e(S_{t,d}) (B, n_z)
+                cum = cum + e if self.config.cumsum_depth else e
                 v = self.head_mlp(cum) + self.pos_depth[d + 1]  # (B, C): v_{t,d+1}
         return codes
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rqvae.errors import UserError
 
 COND_TYPES = ("uncond", "class", "text")
+GELUS = ("exact", "sigmoid")  # erf GELU | x * sigmoid(1.702 x) (the official code's gelu "v2")
 
 
 @dataclass
@@ -26,6 +27,14 @@ class RQTransformerConfig:
     dropout: float = 0.1  # residual dropout
     attn_dropout: float = 0.0
     class_names: tuple[str, ...] = ()  # class models: optional names of the classes 0..num_classes-1
+    # Architecture variants that official checkpoints can have; the defaults are the paper's models.
+    n_depth_heads: int | None = None  # heads of the depth transformer (None: n_heads)
+    attn_bias: bool = True  # biases of the attention's query, key, value and output projections
+    mlp_bias: bool = True  # biases of the MLP's two linear layers
+    gelu: str = "exact"  # MLP activation, one of GELUS
+    cumsum_depth: bool = True  # depth input d: head_mlp(sum_{d' < d} e(S_d')), else head_mlp(e(S_{d-1}))
+    per_depth_head: bool = False  # one output Linear per depth (LayerNorm shared) instead of one for all
+    per_depth_codebooks: bool = False  # the RQ-VAE has one codebook per depth: codebook (D, K, n_z)
 
     def __post_init__(self) -> None:
         self.code_shape = tuple(int(s) for s in self.code_shape)  # type: ignore[assignment]
@@ -36,6 +45,12 @@ class RQTransformerConfig:
             raise UserError(f"cond_type must be one of {COND_TYPES}, got {self.cond_type!r}")
         if self.width % self.n_heads:
             raise UserError(f"width {self.width} is not divisible by n_heads {self.n_heads}")
+        if self.n_depth_heads is not None and self.n_depth_heads < 1:
+            raise UserError(f"n_depth_heads must be >= 1 (or None for n_heads), got {self.n_depth_heads}")
+        if self.width % self.depth_heads:
+            raise UserError(f"width {self.width} is not divisible by n_depth_heads {self.depth_heads}")
+        if self.gelu not in GELUS:
+            raise UserError(f"gelu must be one of {GELUS}, got {self.gelu!r}")
         if self.cond_type == "class" and self.num_classes < 1:
             raise UserError("a class-conditional model needs num_classes >= 1")
         if self.cond_type == "text" and self.text_vocab_size < 1:
@@ -60,6 +75,17 @@ class RQTransformerConfig:
     @property
     def num_positions(self) -> int:
         return self.code_shape[0] * self.code_shape[1]
+
+    @property
+    def depth_heads(self) -> int:
+        """Heads of the depth transformer."""
+        return self.n_heads if self.n_depth_heads is None else self.n_depth_heads
+
+    @property
+    def codebook_shape(self) -> tuple[int, ...]:
+        """Shape of the frozen RQ-VAE codebook buffer: (K, n_z), or (D, K, n_z) with per-depth codebooks."""
+        K, n_z = self.vocab_size, self.embed_dim
+        return (self.depth, K, n_z) if self.per_depth_codebooks else (K, n_z)
 
     @property
     def depth(self) -> int:
