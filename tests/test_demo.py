@@ -57,9 +57,10 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert m["classifier accuracy on generated images"] == pytest.approx(
         classifier_accuracy(samples, labels, clf), abs=1e-9)
     assert len(results["psnr_per_depth"]) == 4
-    # the sample grid has one row per class
+    # the sample grid has one row per class (3 rows of 32 px cells, 2 px padding), its name on the left
     grid = Image.open(out / "samples_per_class.png")
-    assert grid.size[1] > grid.size[0] * 1.2  # 3 rows x 2 columns
+    assert grid.size[1] == 3 * (32 + 2) + 2 and grid.size[0] > 2 * (32 + 2) + 2  # 3 rows x 2 columns + labels
+    assert np.asarray(grid.convert("L"))[:, :grid.size[0] - (2 * 34 + 2)].min() < 100  # dark label text
     assert "samples_per_class.png" in (out / "report.html").read_text()
     assert json.loads((out / "report.json").read_text())["metrics"][fid_key] == pytest.approx(m[fid_key])
 

@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 from rqvae.data import build_image_dataset
+from rqvae.data.images import RESIZE_HELP, RESIZE_MODES
 from rqvae.eval.codebook import codebook_report, format_report, plot_report
-from rqvae.eval.model_info import resolve_model_dir
-from rqvae.official.load import is_official_folder
 from rqvae.official.vae import load_rqvae
 
 
@@ -27,13 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="dataset split (Fashion-MNIST: train or test)")
     parser.add_argument("--count", type=int, default=2000, help="images to encode (0: all)")
     parser.add_argument("-o", "--output", default=None, help="folder for codebook.json and codebook.png")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="crop", help=RESIZE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
 
-    path = Path(args.model)
-    vae = load_rqvae(path if is_official_folder(path) else resolve_model_dir(path)).eval()
-    ds = build_image_dataset(args.data, vae.config.image_size, vae.config.in_channels, split=args.split)
+    vae = load_rqvae(args.model).eval()  # a run folder means RUN/model (from_pretrained resolves it)
+    ds = build_image_dataset(args.data, vae.config.image_size, vae.config.in_channels, split=args.split,
+                             resize_mode=args.resize_mode)
     report = codebook_report(vae, ds, count=args.count or None)
     print(format_report(report))
     if args.output:

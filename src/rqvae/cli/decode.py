@@ -15,15 +15,17 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from rqvae.cli.encode import load_model, weights_sha256
+from rqvae.cli.encode import load_model
 from rqvae.data.images import save_image
 from rqvae.errors import UserError
+from rqvae.models.hub import weights_sha256
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("codes", help="codes file written by `rqvae encode` (.safetensors, tensor 'codes')")
     parser.add_argument("--model", required=True,
-                        help="RQ-VAE model folder (config.json + model.safetensors)")
+                        help="RQ-VAE model folder (config.json + model.safetensors; a run folder means "
+                             "RUN/model)")
     parser.add_argument("-o", "--output", required=True, help="folder for the decoded PNGs")
     parser.add_argument("--depth", type=int, default=None,
                         help="decode from the first d codes of each position only (coarse-to-fine)")

@@ -16,8 +16,10 @@ from rqvae.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", help=".rqv files or folders of them")
-    parser.add_argument("--vae", required=True, help="the RQ-VAE folder the files were compressed with")
-    parser.add_argument("--prior", default=None, help="the RQ-Transformer folder, if one was used")
+    parser.add_argument("--vae", required=True,
+                        help="the RQ-VAE folder the files were compressed with (a run folder means "
+                             "RUN/model)")
+    parser.add_argument("--prior", default=None, help="the RQ-Transformer folder (or run), if one was used")
     parser.add_argument("-o", "--output", required=True, help="folder for the PNGs")
 
 

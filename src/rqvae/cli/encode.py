@@ -7,37 +7,30 @@ its weights), the code shape, K and the source files, so that ``rqvae decode`` c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from rqvae.data.images import find_images, load_images
+from rqvae.data.images import RESIZE_HELP, RESIZE_MODES, find_images, load_images
 from rqvae.errors import UserError
-from rqvae.models.hub import WEIGHTS_NAME, atomic_save_safetensors
+from rqvae.models.hub import atomic_save_safetensors, resolve_model_dir, weights_sha256
 from rqvae.models.vae import RQVAE
 
 CODES_FORMAT = "rqvae-codes/1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("images", nargs="+", help="image files or folders of images (fitted to the model's "
+                                                  "square input by --resize-mode)")
     parser.add_argument("--model", required=True,
-                        help="RQ-VAE model folder (config.json + model.safetensors)")
+                        help="RQ-VAE model folder (config.json + model.safetensors; a run folder means "
+                             "RUN/model)")
     parser.add_argument("-o", "--output", required=True, help="codes file to write (.safetensors)")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="crop", help=RESIZE_HELP)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-
-
-def weights_sha256(model_dir: str | Path) -> str:
-    """SHA-256 of a model folder's weights file: the model's identity in codes files."""
-    h = hashlib.sha256()
-    with open(Path(model_dir) / WEIGHTS_NAME, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _relative(file: Path, inputs: list[str]) -> str:
@@ -71,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     codes = []
     with torch.inference_mode():
         for i in tqdm(range(0, len(files), args.batch_size), desc="encode", unit="batch", disable=None):
-            x = load_images(files[i:i + args.batch_size], cfg.in_channels, cfg.image_size).to(dev)
+            x = load_images(files[i:i + args.batch_size], cfg.in_channels, cfg.image_size,
+                            args.resize_mode).to(dev)
             codes.append(model.encode(x).to("cpu", torch.int64))  # (B, h, w, D)
     codes_t = torch.cat(codes)  # (N, h, w, D)
     meta = {
@@ -82,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         "image_size": str(cfg.image_size),
         "in_channels": str(cfg.in_channels),
         "model_name": Path(args.model).resolve().name,  # a name for messages; no absolute path is stored
-        "model_sha256": weights_sha256(args.model),
+        "model_sha256": weights_sha256(resolve_model_dir(args.model)),
         "sources": json.dumps([_relative(f, args.images) for f in files]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,10 @@ from typing import Any
 from PIL import Image
 
 from rqvae.data import build_image_dataset
-from rqvae.data.images import find_images
+from rqvae.data.images import RESIZE_HELP, RESIZE_MODES, find_images
 from rqvae.errors import UserError
 from rqvae.eval.batches import dataset_batches
+from rqvae.eval.classes import folder_class_ids
 from rqvae.eval.clip_score import clip_score_folder
 from rqvae.eval.fid import fid_floor, frechet_distance, reference_stats
 from rqvae.eval.is_score import ClassifierLogits, inception_score
@@ -63,16 +64,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("tokenizer (RQ-VAE) quality")
     t.add_argument("--rfid", action="store_true", help="FID of --data images vs their reconstructions")
     t.add_argument("--recon", action="store_true", help="MSE / PSNR / SSIM per depth and code usage")
-    t.add_argument("--model", metavar="VAE_DIR", help="RQ-VAE folder (save_pretrained / a run's model/)")
+    t.add_argument("--model", metavar="VAE_DIR", help="RQ-VAE folder (save_pretrained, or a run: its model/)")
     t.add_argument("--data", metavar="SPEC", help="image folder, WebDataset shards, or 'fmnist[:DIR]'")
-    t.add_argument("--split", default="test", help="split of --data (default: test, the validation set)")
+    t.add_argument("--split", default="test",
+                   help="split of --data (default: test, the validation set); a folder without split "
+                        "sub-folders (train/, test/, ...) is used whole, and the results say so")
+    t.add_argument("--resize-mode", choices=RESIZE_MODES, default="crop",
+                   help="for --data images: " + RESIZE_HELP)
     t.add_argument("--depths", default=None, help="comma-separated depths for --recon (default: 1..D)")
     c = p.add_argument_group("class-conditional samples")
     c.add_argument("--accuracy", metavar="GEN_DIR",
                    help="in-domain accuracy: folder with one sub-folder of samples per class")
     c.add_argument("--is", dest="is_dir", metavar="GEN_DIR",
                    help="Inception-style score of a folder of samples computed with --classifier")
-    c.add_argument("--classifier", metavar="CLS_DIR", help="classifier folder (rqvae train-classifier)")
+    c.add_argument("--classifier", metavar="CLS_DIR",
+                   help="classifier folder (rqvae train-classifier; a run folder means RUN/model)")
     c.add_argument("--is-splits", type=int, default=10, help="splits of the score (default 10)")
     s = p.add_argument_group("text-conditional samples (paper Table 3)")
     s.add_argument("--clip-score", metavar="SAMPLES", help="folder of generated images to score with CLIP")
@@ -118,23 +124,15 @@ def _gen_dataset(folder: str, image_size: int, channels: int) -> Any:
 
 
 def _class_ids(ds: Any, classifier: Any, folder: str) -> dict[int, int]:
-    """Dataset label (sub-folder index) -> class id, from sub-folder names that are ids or class names."""
-    names = list(classifier.config.class_names)
-    k = classifier.config.num_classes
-    mapping = {}
+    """Dataset label (sub-folder index) -> class id, from sub-folder names that are class names (as
+    ``rqvae sample`` writes them) or ids."""
     subdirs = sorted(p.name for p in Path(ds.root).iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise UserError(f"{folder} has no class sub-folders; put the samples of class c in {folder}/<c>/ "
                         "(a class id or a class name)")
-    for i, name in enumerate(ds.class_names):
-        if name.isdigit() and int(name) < k:
-            mapping[i] = int(name)
-        elif name in names:
-            mapping[i] = names.index(name)
-        else:
-            raise UserError(f"sub-folder {name!r} of {folder} is neither a class id in [0, {k}) nor one of "
-                            f"the classifier's class names {names}")
-    return mapping
+    cfg = classifier.config
+    ids = folder_class_ids(ds.class_names, cfg.num_classes, cfg.class_names, folder)
+    return dict(enumerate(ids))
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -207,7 +205,7 @@ def _tokenizer(args: argparse.Namespace, net: Any) -> dict[str, Any]:
     out = evaluate_tokenizer(vae, args.data, split=args.split, count=args.count, batch_size=args.batch_size,
                              depths=depths, rfid=args.rfid, recon=args.recon, net=net,
                              cache_dir=args.cache_dir, seed=args.seed, progress=not args.no_progress,
-                             device=args.device)
+                             device=args.device, resize_mode=args.resize_mode)
     return {**out, "model": args.model}
 
 

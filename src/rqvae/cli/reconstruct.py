@@ -1,7 +1,9 @@
 """``rqvae reconstruct IMAGES... --model DIR --depths 1,2,3,4 -o fig.png``: the paper's Figure 5.
 
 One row per image: the original in the first column, then the reconstructions G(sum_{i<=d} e(k_i)) from the
-first d codes of each position, for each requested d (coarse-to-fine).  Prints the PSNR per depth.
+first d codes of each position, for each requested d (coarse-to-fine).  A header row names the columns
+(``input, d=1, d=2, ...``) and each row is labelled with its file name (``--no-labels``: the bare grid).
+Prints the PSNR per depth.
 """
 
 from __future__ import annotations
@@ -13,20 +15,25 @@ from pathlib import Path
 import torch
 
 from rqvae.cli.encode import load_model
-from rqvae.data.images import find_images, load_images, save_image
+from rqvae.data.images import RESIZE_HELP, RESIZE_MODES, find_images, load_images, save_image
 from rqvae.errors import UserError
-from rqvae.eval.figures import coarse_to_fine, tile_coarse_to_fine
+from rqvae.eval.figures import coarse_to_fine, labelled_coarse_to_fine, tile_coarse_to_fine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("images", nargs="+", help="image files or folders of images (fitted to the model's "
+                                                  "square input by --resize-mode)")
     parser.add_argument("--model", required=True,
-                        help="RQ-VAE model folder (config.json + model.safetensors)")
+                        help="RQ-VAE model folder (config.json + model.safetensors; a run folder means "
+                             "RUN/model)")
     parser.add_argument("--depths", default=None,
                         help="comma-separated code depths, e.g. 1,2,3,4 (default: all)")
     parser.add_argument("-o", "--output", required=True, help="PNG file for the grid")
     parser.add_argument("--max-images", type=int, default=8, help="use at most this many images (rows)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="crop", help=RESIZE_HELP)
+    parser.add_argument("--no-labels", action="store_true",
+                        help="no header row (input, d=1, ...) and no file names on the rows")
 
 
 def parse_depths(text: str | None, max_depth: int) -> list[int]:
@@ -59,9 +66,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise UserError(f"{out} is a folder; -o takes a file name such as fig.png")
-    x = load_images(files, cfg.in_channels, cfg.image_size).to(dev)  # (N, C, H, W)
+    x = load_images(files, cfg.in_channels, cfg.image_size, args.resize_mode).to(dev)  # (N, C, H, W)
     recons = coarse_to_fine(model, x, depths)  # each (N, C, H, W)
-    save_image(tile_coarse_to_fine(x, recons, one_row_per_image=True), out)
+    if args.no_labels:
+        grid = tile_coarse_to_fine(x, recons, one_row_per_image=True)
+    else:
+        grid = labelled_coarse_to_fine(x, recons, depths, image_labels=[f.name for f in files],
+                                       one_row_per_image=True)
+    save_image(grid, out)
     print(f"wrote {out}: {len(files)} rows x (original + depths {','.join(map(str, depths))})")
     for d, r in zip(depths, recons):
         p = psnr(x, r)

@@ -2,12 +2,15 @@
 
     rqvae sample --model AR_DIR --vae VAE_DIR --class 3 --n 64 -o out/
     rqvae sample --model AR_DIR --vae VAE_DIR --text "a red dress" --n 16 -o out/ --top-p 0.9
+    rqvae sample --model AR_RUN --vae VAE_RUN --class fruit --n 16 -o out/   (a run folder means RUN/model)
 
 Writes ``out/grid.png`` and each sample as ``out/images/000000.png``, ...; for class-conditional models in
-one sub-folder per class, ``out/images/<class id>/000000.png``, the layout ``rqvae eval --accuracy`` reads
-(``rqvae eval --fid out/images`` scores them). ``--top-k``, ``--top-p`` and ``--temperature`` take
-one value or one per code depth (comma separated, e.g. ``--top-k 0,64,64,64``; 0 = off).
-``--cfg-scale`` > 1 uses classifier-free guidance (models trained with cfg_dropout).
+one sub-folder per class, ``out/images/<class name>/000000.png`` (``<class id>`` for models without class
+names), the layout ``rqvae eval --accuracy`` reads (``rqvae eval --fid out/images`` scores them).
+``--class`` takes class ids or the names in the model's config (``rqvae info AR_DIR`` lists them).
+``--top-k``, ``--top-p`` and ``--temperature`` take one value or one per code depth (comma separated, e.g.
+``--top-k 0,64,64,64``; 0 = off). ``--cfg-scale`` > 1 uses classifier-free guidance (models trained with
+``train-ar --cond-dropout``, e.g. 0.1).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import torch
 from rqvae.data.images import make_grid, save_image
 from rqvae.data.text import encode_texts, load_tokenizer
 from rqvae.errors import UserError
+from rqvae.eval.classes import class_folder, class_table, parse_class
+from rqvae.eval.pairing import check_pair
+from rqvae.models.hub import resolve_model_dir
 from rqvae.models.transformer import RQTransformer
 from rqvae.official.vae import load_rqvae
 
@@ -39,19 +45,22 @@ def _values(text: str | None, kind: type, name: str) -> list | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="AR_DIR",
-                        help="RQ-Transformer folder (train-ar output)")
+                        help="RQ-Transformer folder (a train-ar run folder means RUN/model)")
     parser.add_argument("--vae", required=True, metavar="VAE_DIR",
-                        help="the RQ-VAE folder the model was trained on (ours, or an official folder)")
+                        help="the RQ-VAE folder the model was trained on (ours, a train-vae run folder, "
+                             "or an official folder)")
     parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder for the PNGs")
     parser.add_argument("--n", type=int, default=16, help="number of images (default 16)")
-    parser.add_argument("--class", dest="classes", type=int, nargs="+", metavar="ID",
-                        help="class id(s) for class-conditional models; several ids cycle over the images")
+    parser.add_argument("--class", dest="classes", nargs="+", metavar="ID|NAME",
+                        help="class id(s) or name(s) for class-conditional models; several cycle over the "
+                             "images")
     parser.add_argument("--text", help="prompt for text models (encoded with AR_DIR/tokenizer.json)")
     parser.add_argument("--top-k", default=None, help="top-k per depth (0 = off); default off")
     parser.add_argument("--top-p", default=None, help="nucleus probability per depth (1 = off); default off")
     parser.add_argument("--temperature", default="1.0", help="softmax temperature per depth (default 1.0)")
     parser.add_argument("--cfg-scale", type=float, default=1.0,
-                        help="classifier-free guidance scale (1 = off)")
+                        help="classifier-free guidance scale (1 = off; > 1 needs a model trained with "
+                             "train-ar --cond-dropout, e.g. 0.1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -61,21 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_vae(path: str | Path):
-    """Our RQ-VAE folder, or an official one (model.pt + config.yaml, converted in memory)."""
+    """Our RQ-VAE folder (or a run holding model/: from_pretrained resolves it), or an official one
+    (model.pt + config.yaml, converted in memory)."""
     return load_rqvae(path)
-
-
-def check_pair(model, vae) -> None:
-    """The RQ-VAE must be the one whose codebook the RQ-Transformer embeds its codes with."""
-    c, vc = model.config, vae.config
-    if vc.depth != c.depth or vc.codebook_size != c.vocab_size or vc.embed_dim != c.embed_dim:
-        raise UserError(f"the RQ-VAE (depth {vc.depth}, K {vc.codebook_size}, n_z {vc.embed_dim}) does not "
-                        f"match the RQ-Transformer (depth {c.depth}, K {c.vocab_size}, n_z {c.embed_dim}); "
-                        "pass the --vae the model was trained on")
-    cb = vae.quantizer.codebook[0].detach().float().to(model.codebook.device)
-    if not torch.allclose(cb, model.codebook, atol=1e-5):
-        raise UserError("the RQ-VAE's codebook differs from the codebook stored in the RQ-Transformer; "
-                        "pass the --vae the model was trained on")
 
 
 def build_conditions(model, args: argparse.Namespace, model_dir: Path) -> torch.Tensor | None:
@@ -89,13 +86,11 @@ def build_conditions(model, args: argparse.Namespace, model_dir: Path) -> torch.
     if c.cond_type == "class":
         if args.text is not None:
             raise UserError("this model is class-conditional, not text-conditional; use --class ID")
+        names = getattr(c, "class_names", ())
         if not args.classes:
-            raise UserError(f"this model is class-conditional; pass --class ID (0..{c.num_classes - 1})")
-        bad = [k for k in args.classes if not 0 <= k < c.num_classes]
-        if bad:
-            raise UserError(f"--class {bad[0]} is out of range; "
-                            f"this model has classes 0..{c.num_classes - 1}")
-        ids = torch.tensor(args.classes, dtype=torch.long)
+            known = f": {class_table(names)}" if names else f" (0..{c.num_classes - 1})"
+            raise UserError(f"this model is class-conditional; pass --class ID or NAME{known}")
+        ids = torch.tensor([parse_class(k, c.num_classes, names) for k in args.classes], dtype=torch.long)
         return ids.repeat(math.ceil(n / len(ids)))[:n]
     if args.classes is not None:
         raise UserError("this model is text-conditional; use --text \"...\" instead of --class")
@@ -117,10 +112,12 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but no CUDA device is available; use --device cpu")
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model_dir = Path(args.model)
+    model_dir = resolve_model_dir(args.model)
     model = RQTransformer.from_pretrained(model_dir, map_location=device).eval()
     vae = load_vae(args.vae).to(device).eval()
-    check_pair(model, vae)
+    check_pair(vae, model)
+    if args.cfg_scale != 1:
+        _ = model.config.null_id  # a model without a null condition: its one-line error before sampling
     D = model.config.depth
     top_k = _values(args.top_k, int, "top-k")
     top_p = _values(args.top_p, float, "top-p")
@@ -142,13 +139,23 @@ def run(args: argparse.Namespace) -> int:
             images.append(vae.decode(codes).float().clamp(-1, 1).cpu())  # (b, C, H, W)
     seconds = time.perf_counter() - t0
     images_t = torch.cat(images)
-    per_class = model.config.cond_type == "class"
+    folders = _class_folders(model.config, cond) if model.config.cond_type == "class" else {}
     for i, im in enumerate(images_t):
-        folder = out / "images" / (str(int(cond[i])) if per_class else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        save_image(im, folder / f"{i:06d}.png")
+        sub = folders[int(cond[i])] if folders else ""
+        save_image(im, out / "images" / sub / f"{i:06d}.png")
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     save_image(make_grid(images_t, nrow=nrow), out / "grid.png")
     print(f"sampled {args.n} images ({model.config.code_shape} codes, depth {D}) in {seconds:.2f} s "
           f"({args.n / seconds:.1f} images/s) -> {out}/images/ and {out}/grid.png")
+    names = getattr(model.config, "class_names", ())
+    for k, folder in folders.items():
+        name = f" ({names[k]})" if names else ""
+        print(f"  class {k}{name}: {int((cond == k).sum())} images in {out}/images/{folder}/")
     return 0
+
+
+def _class_folders(config, cond: torch.Tensor) -> dict[int, str]:
+    """Class id -> its samples' sub-folder: the class name (as a folder name) when the model has names,
+    else the id."""
+    names = getattr(config, "class_names", ())
+    return {k: class_folder(names[k]) if names else str(k) for k in sorted(set(cond.tolist()))}

@@ -64,7 +64,8 @@ def data_fingerprint(source: str | Any) -> str:
 
     ``source`` is a data spec (files under its folder: relative path, size, mtime; a shard pattern: the
     spec itself, without building the dataset) or a built dataset (its files: path, size, mtime; else the
-    pixels of an in-memory tensor; else its length), plus a dataset's labels when it holds them."""
+    pixels of an in-memory tensor; else its length), plus a dataset's labels when it holds them and its
+    resize mode when it is not the default crop."""
     h = hashlib.sha256()
     if isinstance(source, str):
         files, root = _spec_files(source) or (None, None)
@@ -88,6 +89,8 @@ def data_fingerprint(source: str | Any) -> str:
             continue
         name = os.path.relpath(p, root) if root is not None else p
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if getattr(source, "resize_mode", "crop") != "crop":  # other pixels from the same files
+        h.update(f"resize_mode={source.resize_mode}\n".encode())
     labels = getattr(source, "labels", None)
     if isinstance(labels, torch.Tensor):
         h.update(labels.detach().cpu().contiguous().numpy().tobytes())

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rqvae.data.common import Key, check_args, log_skipped, logger, reason, split_key
-from rqvae.data.images import decode_image, load_image
+from rqvae.data.images import check_resize_mode, decode_image, load_image
 from rqvae.errors import UserError
 
 EAGER_SCAN_LIMIT = 20_000  # folders up to this many files are fully decoded once at construction
@@ -19,7 +19,8 @@ EAGER_SCAN_LIMIT = 20_000  # folders up to this many files are fully decoded onc
 class ImageFolderDataset(Dataset):
     """All images under ``root`` (recursive). Labels come from first-level sub-folders (sorted names -> ids);
     without sub-folders every image has label 0. If ``root/<split>`` exists and ``root`` holds only split
-    folders (train/val/valid/validation/test), that split is used.
+    folders (train/val/valid/validation/test), that split is used (``split_used``; None: all images of
+    ``root``). ``resize_mode`` fits non-square images ("crop" or "pad", see ``rqvae.data.images``).
 
     Folders of up to ``eager_scan_limit`` files are decoded once at construction and bad files are
     dropped then; larger folders are checked lazily, and a file that fails later is replaced by the next
@@ -28,15 +29,17 @@ class ImageFolderDataset(Dataset):
     accepts_seeded_keys = True
 
     def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3, split: str = "train",
-                 augment: bool = False, eager_scan_limit: int = EAGER_SCAN_LIMIT):
+                 augment: bool = False, eager_scan_limit: int = EAGER_SCAN_LIMIT, resize_mode: str = "crop"):
         check_args(image_size, channels)
+        self.resize_mode = check_resize_mode(resize_mode)
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist or is not a folder")
         subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         split_names = {"train", "val", "valid", "validation", "test"}
+        self.split_used: str | None = None
         if subdirs and set(subdirs) <= split_names and split in subdirs:
-            root = root / split
+            root, self.split_used = root / split, split
             subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.root, self.image_size, self.channels, self.augment = root, image_size, channels, augment
         self.class_names = subdirs or [root.name or "images"]
@@ -100,8 +103,9 @@ class ImageFolderDataset(Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                return {"image": load_image(path, self.image_size, self.channels, self.augment, generator),
-                        "label": label}
+                image = load_image(path, self.image_size, self.channels, self.augment, generator,
+                                   resize_mode=self.resize_mode)
+                return {"image": image, "label": label}
             except Exception as e:  # a file that went bad after the scan (or a lazy folder)
                 self._bad.add(i)
                 self.skipped.append((path, reason(e)))

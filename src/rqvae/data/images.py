@@ -1,7 +1,8 @@
 """Reading and writing images, and tiling them into grids.  Tensors hold images in [-1, 1].
 
-One decoder serves every path: :func:`load_image` (open, fully decode, convert the mode, resize the short
-side and crop) raises the decoder's own error, which the datasets catch to skip and count bad files;
+One decoder serves every path: :func:`load_image` (open, fully decode, convert the mode, then fit to the
+square: resize the short side and crop, or resize the long side and pad; :data:`RESIZE_HELP`) raises the
+decoder's own error, which the datasets catch to skip and count bad files;
 :func:`load_images` (the CLI path) turns it into a :class:`UserError` naming the file.
 """
 
@@ -82,6 +83,19 @@ def decode_image(src: str | os.PathLike | bytes, channels: int) -> Image.Image:
         return to_mode(img, channels)
 
 
+RESIZE_MODES = ("crop", "pad")
+RESIZE_HELP = ("how an image that is not square is fitted to the model's square input: 'crop' (default) "
+               "resizes the short side and centre-crops the long one, so the top and bottom of tall images "
+               "(the sides of wide ones) are cut off; 'pad' resizes the long side and letterboxes the short "
+               "one by repeating the image's edge pixels, so nothing is cut")
+
+
+def check_resize_mode(mode: str) -> str:
+    if mode not in RESIZE_MODES:
+        raise UserError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    return mode
+
+
 def resize_crop(img: Image.Image, size: int, generator: torch.Generator | None = None,
                 augment: bool = False) -> Image.Image:
     """Resize the shorter side to ``size`` (small images are upscaled), then a center crop, or a random crop
@@ -101,6 +115,32 @@ def resize_crop(img: Image.Image, size: int, generator: torch.Generator | None =
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
 
+def resize_pad(img: Image.Image, size: int, generator: torch.Generator | None = None,
+               augment: bool = False) -> Image.Image:
+    """Resize the longer side to ``size``, then letterbox: centre the image and fill the rest by repeating its
+    edge pixels (nothing is cut). ``augment`` adds a random horizontal flip."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if (nw, nh) != (size, size):
+        a = np.asarray(img)  # (nh, nw) or (nh, nw, 3)
+        top, left = (size - nh) // 2, (size - nw) // 2
+        pad = [(top, size - nh - top), (left, size - nw - left)] + [(0, 0)] * (a.ndim - 2)
+        img = Image.fromarray(np.pad(a, pad, mode="edge"))  # uint8: L or RGB, as decoded
+    if augment and bool(torch.rand(1, generator=generator) < 0.5):
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def resize_image(img: Image.Image, size: int, mode: str = "crop", generator: torch.Generator | None = None,
+                 augment: bool = False) -> Image.Image:
+    """``img`` as a ``size`` x ``size`` image, by ``mode`` (see :data:`RESIZE_HELP`)."""
+    fit = resize_pad if check_resize_mode(mode) == "pad" else resize_crop
+    return fit(img, size, generator, augment)
+
+
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """PIL image (RGB or L) -> (C, H, W) float32 in [-1, 1]."""
     a = np.asarray(im, dtype=np.float32)
@@ -110,18 +150,22 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def load_image(src: str | os.PathLike | bytes, image_size: int, channels: int, augment: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Decode one image file (path or bytes) into a (C, S, S) float tensor in [-1, 1]; decoder errors
-    propagate (datasets skip such files)."""
-    return pil_to_tensor(resize_crop(decode_image(src, channels), image_size, generator, augment))
+               generator: torch.Generator | None = None, resize_mode: str = "crop") -> torch.Tensor:
+    """Decode one image file (path or bytes) into a (C, S, S) float tensor in [-1, 1], fitted to the square
+    by ``resize_mode`` ("crop" or "pad", see :data:`RESIZE_HELP`); decoder errors propagate (datasets skip
+    such files)."""
+    img = decode_image(src, channels)
+    return pil_to_tensor(resize_image(img, image_size, resize_mode, generator, augment))
 
 
-def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
+def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int,
+                resize_mode: str = "crop") -> torch.Tensor:
     """Files -> (N, C, size, size) in [-1, 1]; a missing or unreadable file raises a UserError naming it."""
+    check_resize_mode(resize_mode)
     out = []
     for p in map(Path, paths):
         try:
-            out.append(load_image(p, size, channels))
+            out.append(load_image(p, size, channels, resize_mode=resize_mode))
         except FileNotFoundError:
             raise UserError(f"{p} does not exist") from None
         except Exception as e:  # any decoder error

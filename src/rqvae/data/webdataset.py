@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from rqvae import distributed as dist
 from rqvae.data.common import check_args, logger, mix, reason
-from rqvae.data.images import load_image
+from rqvae.data.images import check_resize_mode, load_image
 from rqvae.errors import UserError
 
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
@@ -49,8 +49,10 @@ class WebImageDataset(IterableDataset):
     accepts_seeded_keys = False
 
     def __init__(self, shards: str | Sequence[str], image_size: int, channels: int = 3, augment: bool = False,
-                 shuffle_buffer: int = 1000, num_classes: int | None = None, seed: int = 0):
+                 shuffle_buffer: int = 1000, num_classes: int | None = None, seed: int = 0,
+                 resize_mode: str = "crop"):
         check_args(image_size, channels)
+        self.resize_mode = check_resize_mode(resize_mode)  # "crop" or "pad" (rqvae.data.images)
         try:
             import webdataset  # noqa: F401
         except ImportError:
@@ -137,7 +139,7 @@ class WebImageDataset(IterableDataset):
             if label is None or label < 0:
                 raise ValueError("label is not a non-negative integer")
             g = torch.Generator().manual_seed(aug_seed) if aug_seed is not None else None
-            image = load_image(raw[key], self.image_size, self.channels, self.augment, g)
+            image = load_image(raw[key], self.image_size, self.channels, self.augment, g, self.resize_mode)
         except Exception as e:
             self.skipped_count += 1
             if len(self.skipped) < 1000:
@@ -199,7 +201,8 @@ class WebImageDataset(IterableDataset):
                 key = next((k for k in WDS_IMAGE_KEYS if k in raw), None)
                 label = self._label(raw)
                 try:
-                    image = load_image(raw[key], self.image_size, self.channels)  # type: ignore[index]
+                    image = load_image(raw[key], self.image_size, self.channels,  # type: ignore[index]
+                                       resize_mode=self.resize_mode)
                 except Exception:
                     continue
                 if n == index:

@@ -14,7 +14,7 @@ from its last checkpoint when a previous run was interrupted.
 
 Modules: :mod:`~rqvae.demo.config` (settings), :mod:`~rqvae.demo.stages` (training and sampling),
 :mod:`~rqvae.demo.plots`, :mod:`~rqvae.demo.report`; the figure of step 4 is
-:func:`rqvae.eval.figures.coarse_to_fine_grid`.
+:func:`rqvae.eval.figures.labelled_coarse_to_fine_grid` (rows labelled input, d=1, ...).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from rqvae.demo.report import fmt, write_report
 from rqvae.demo.stages import generate_images, train_or_load_ar, train_or_load_classifier, train_or_load_vae
 from rqvae.errors import UserError
 from rqvae.eval.fid import fid
-from rqvae.eval.figures import coarse_to_fine_grid
+from rqvae.eval.figures import label_grid, labelled_coarse_to_fine_grid
 from rqvae.eval.inception import InceptionFeatures
 from rqvae.eval.tokenizer import evaluate_tokenizer
 from rqvae.models.classifier import classifier_accuracy
@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t = time.time()
     num_classes = ar.config.num_classes
     class_names = list(getattr(test, "class_names", [])) or [str(i) for i in range(num_classes)]
-    _figures(cfg, out, vae, ar, test)
+    _figures(cfg, out, vae, ar, test, class_names)
     metrics, psnr_per_depth = _metrics(cfg, out, vae=vae, ar=ar, classifier=classifier,
                                        classifier_test_acc=classifier_test_acc, net=net, n_test=len(test))
     timings["evaluation"] = time.time() - t
@@ -94,13 +94,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return results
 
 
-def _figures(cfg: DemoConfig, out: Path, vae: Any, ar: Any, test: Any) -> None:
-    """Samples per class, the coarse-to-fine figure (paper Fig. 5) and the loss curves."""
+def _figures(cfg: DemoConfig, out: Path, vae: Any, ar: Any, test: Any, class_names: list[str]) -> None:
+    """Samples per class (a row per class, labelled with its name), the coarse-to-fine figure (paper
+    Fig. 5, rows labelled input, d=1, ...) and the loss curves."""
     grid_labels = torch.arange(ar.config.num_classes).repeat_interleave(cfg.samples_per_class)
     grid = generate_images(ar, vae, grid_labels, cfg)
-    save_image(make_grid(grid, nrow=cfg.samples_per_class), out / "samples_per_class.png")
+    samples = make_grid(grid, nrow=cfg.samples_per_class)
+    save_image(label_grid(samples, row_labels=class_names), out / "samples_per_class.png")
     fig_images = torch.stack([test[i]["image"] for i in range(min(cfg.fig5_images, len(test)))])
-    save_image(coarse_to_fine_grid(vae, fig_images), out / "coarse_to_fine.png")
+    save_image(labelled_coarse_to_fine_grid(vae, fig_images), out / "coarse_to_fine.png")
     plot_loss_curves({"RQ-VAE": out / "vae", "RQ-Transformer": out / "ar"}, out / "loss_curves.png")
 
 

@@ -13,27 +13,13 @@ from typing import Any
 
 from safetensors import safe_open
 
-from rqvae.errors import UserError
-from rqvae.models.hub import config_from_dict
+from rqvae.eval.classes import class_table
+from rqvae.models.hub import config_from_dict, resolve_model_dir
 from rqvae.models.vae import RQVAEConfig
 from rqvae.official.load import is_official_folder, load_official
 
 MODEL_TYPES = {"rqvae": "stage 1 (RQ-VAE tokenizer)", "rqtransformer": "stage 2 (RQ-Transformer)",
                "classifier": "evaluation classifier"}
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder, or a training run whose ``model/`` is one; otherwise a UserError that says why."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    hint = " (a training run that has not finished: its checkpoints/ hold the state)" \
-        if (path / "checkpoints").is_dir() else ""
-    raise UserError(f"{path} is not a model folder: no config.json in it or in {path / 'model'}{hint}")
 
 
 def _num_parameters(weights: Path) -> int:
@@ -82,6 +68,8 @@ def _describe_ours(model_dir: Path) -> dict[str, Any]:
         info["code_shape"] = list(config["code_shape"])
         info["codebook_size"] = config["vocab_size"]
         info["condition"] = config.get("cond_type")
+        if config.get("class_names"):
+            info["classes"] = class_table(config["class_names"])
     run = model_dir.parent
     if model_dir.name == "model" and (run / "train_config.json").is_file():
         info["run"] = _describe_run(run)
@@ -139,7 +127,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}: {info['kind']}, {info['stage']}"]
     if "parameters" in info:
         lines.append(f"  parameters     {info['parameters'] / 1e6:.3f}M")
-    for key in ("code_shape", "codebook_size", "image", "condition"):
+    for key in ("code_shape", "codebook_size", "image", "condition", "classes"):
         if info.get(key) is not None:
             lines.append(f"  {key.replace('_', ' '):<14} {info[key]}")
     run = info.get("run")

@@ -43,10 +43,14 @@ class _RFID:
     so a second evaluation runs the network only on the reconstructions."""
 
     def __init__(self, net: InceptionFeatures, data: str, image_size: int, channels: int, split: str,
-                 count: int | None, seed: int, cache_dir: str | os.PathLike | None):
+                 count: int | None, seed: int, cache_dir: str | os.PathLike | None,
+                 resize_mode: str = "crop"):
         self.net, self.metric = net, fid_metric(net)
         self.path, self.key = reference_cache_entry(data, net, image_size, channels, split, count, seed,
                                                     cache_dir)
+        if resize_mode != "crop":  # other pixels from the same files: another cache entry
+            self.key["resize_mode"] = resize_mode
+            self.path = self.path.with_name(f"{self.path.stem}-{resize_mode}{self.path.suffix}")
         ref = load_cached_stats(self.path, self.key)
         self.cached = ref is not None
         if ref is not None:
@@ -65,12 +69,20 @@ class _RFID:
                 "reference_cached": self.cached}
 
 
+def split_used(ds: Any, data: str) -> str:
+    """The split a dataset actually read: its split folder (or Fashion-MNIST split), else "all images of
+    DATA" (a folder without split sub-folders, WebDataset shards)."""
+    used = getattr(ds, "split_used", getattr(ds, "split", None))
+    return used or f"all images of {data}"
+
+
 @torch.no_grad()
 def evaluate_tokenizer(vae: nn.Module, data: str, split: str = "test", count: int | None = None,
                        batch_size: int = 50, depths: Iterable[int] | None = None, rfid: bool = True,
                        recon: bool = True, net: InceptionFeatures | None = None,
                        cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                       progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+                       progress: bool = False, device: str | torch.device = "cpu",
+                       resize_mode: str = "crop") -> dict[str, Any]:
     """Score an RQ-VAE on ``count`` images of a dataset split, in one pass:
 
     * ``recon``: per depth d, MSE (images in [-1, 1], as the training loss), PSNR and SSIM (torchmetrics,
@@ -78,6 +90,9 @@ def evaluate_tokenizer(vae: nn.Module, data: str, split: str = "test", count: in
       (``quantizer.usage`` of the latents: codes used and perplexity);
     * ``rfid``: FID between the images and their full-depth reconstructions (reference statistics of
       the images are cached like :func:`rqvae.eval.fid.reference_stats`).
+
+    ``resize_mode`` fits non-square images ("crop" or "pad"). The result's ``split`` is the split actually
+    read: a folder without split sub-folders reports "all images of DIR".
     """
     cfg = vae.config
     D = cfg.depth
@@ -87,12 +102,13 @@ def evaluate_tokenizer(vae: nn.Module, data: str, split: str = "test", count: in
     if rfid and net is None:
         net = InceptionFeatures(device=device)
     vae = vae.eval().to(device)
-    ds = build_image_dataset(data, cfg.image_size, cfg.in_channels, split=split)
+    ds = build_image_dataset(data, cfg.image_size, cfg.in_channels, split=split, resize_mode=resize_mode)
     n = count if isinstance(ds, IterableDataset) else len(subset_indices(len(ds), count, seed))
 
     fid_acc = None
     if rfid:
-        fid_acc = _RFID(net, data, cfg.image_size, cfg.in_channels, split, count, seed, cache_dir)
+        fid_acc = _RFID(net, data, cfg.image_size, cfg.in_channels, split, count, seed, cache_dir,
+                        resize_mode)
     scores = _ReconScores(depths) if recon else None
     latents = []
     seen = 0
@@ -110,9 +126,12 @@ def evaluate_tokenizer(vae: nn.Module, data: str, split: str = "test", count: in
             if d == D and fid_acc is not None:
                 fid_acc.update(x, rec)
         seen += x.shape[0]
+    used = split_used(ds, data)
     if seen == 0:
-        raise UserError(f"no images to evaluate in {data} ({split})")
-    out: dict[str, Any] = {"data": data, "split": split, "num_images": seen}
+        raise UserError(f"no images to evaluate in {data} ({used})")
+    out: dict[str, Any] = {"data": data, "split": used, "num_images": seen}
+    if resize_mode != "crop":
+        out["resize_mode"] = resize_mode
     if scores is not None:
         out["per_depth"] = scores.result(seen)
         usage = vae.quantizer.usage(torch.cat(latents).to(device))

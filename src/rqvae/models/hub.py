@@ -8,6 +8,7 @@ Nothing is unpickled: weights are safetensors, the config is JSON.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -46,6 +47,36 @@ def config_from_dict(config_class: type, data: dict[str, Any], source: str = "co
         return config_class(**kwargs)
     except TypeError as e:
         raise UserError(f"{source} is incomplete for {config_class.__name__}: {e}") from None
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model folder, or a training run whose ``model/`` is one (-> ``RUN/model``); otherwise a one-line
+    UserError that says what the folder is and what to pass instead."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / "model" / CONFIG_NAME).is_file():
+        return path / "model"
+    if not path.exists():
+        raise UserError(f"{path} is not a model folder: it does not exist; pass a folder with {CONFIG_NAME} "
+                        f"and {WEIGHTS_NAME} or a training run holding model/")
+    if (path / "checkpoints").is_dir():
+        raise UserError(f"{path} is not a model folder: a training run that has not finished ({path / 'model'} "
+                        "is written when training ends; its checkpoints/ hold the state: resume to finish)")
+    if (path.parent / "model" / CONFIG_NAME).is_file():
+        raise UserError(f"{path} is not a model folder; did you mean {path.parent / 'model'}?")
+    raise UserError(f"{path} is not a model folder: no {CONFIG_NAME} in it or in {path / 'model'}; expected "
+                    f"a folder with {CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained or a training run)")
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """SHA-256 of a model folder's weights file (a run folder means its ``model/``): the model's identity
+    in codes files."""
+    h = hashlib.sha256()
+    with open(resolve_model_dir(model_dir) / WEIGHTS_NAME, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -91,13 +122,9 @@ class PretrainedMixin:
 
     @classmethod
     def load_config(cls, path: str | os.PathLike) -> Any:
-        path = Path(path)
-        if not path.is_dir():
-            raise UserError(f"{path} is not a model folder; expected a folder with {CONFIG_NAME} "
-                            f"and {WEIGHTS_NAME} (made by save_pretrained or a training run)")
+        """The config in ``path`` (a model folder, or a training run: its ``model/``)."""
+        path = resolve_model_dir(path)
         cfg_file = path / CONFIG_NAME
-        if not cfg_file.is_file():
-            raise UserError(f"{cfg_file} is missing; is {path} a model folder written by rqvae?")
         try:
             data = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -110,7 +137,7 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls: type[T], path: str | os.PathLike, map_location: str | torch.device = "cpu") -> T:
-        path = Path(path)
+        path = resolve_model_dir(path)  # a training run means its model/
         config = cls.load_config(path)
         weights = path / WEIGHTS_NAME
         if not weights.is_file():

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from rqvae.cli.encode import weights_sha256
 from rqvae.data.common import reason
 from rqvae.data.images import load_image
 from rqvae.data.text import encode_texts
 from rqvae.errors import UserError
+from rqvae.models.hub import weights_sha256
 from rqvae.serve.models import Models
 from rqvae.serve.store import Item, Job, Store
 from rqvae.serve.views import Views, codes_file, make_views
@@ -86,7 +86,8 @@ class Engine:
             raise UserError("temperature must be > 0, top-k >= 0 (0 = off), top-p in (0, 1] "
                             "and CFG scale >= 0")
         if req.cfg_scale != 1 and not ar.config.has_null_cond:
-            raise UserError("this model has no null condition (trained without cfg_dropout); use CFG scale 1")
+            raise UserError("this model has no null condition (trained without condition dropout): use CFG "
+                            "scale 1, or train it with rqvae train-ar --cond-dropout 0.1")
         return self._conditions(req)
 
     def _conditions(self, req: GenerateRequest) -> torch.Tensor | None:

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from rqvae.cli.sample import check_pair
 from rqvae.data.fmnist import FMNIST_CLASSES
 from rqvae.data.text import load_tokenizer
 from rqvae.errors import UserError
-from rqvae.models.hub import CONFIG_NAME
+from rqvae.eval.pairing import check_pair
+from rqvae.models.hub import CONFIG_NAME, resolve_model_dir
 from rqvae.models.transformer import RQTransformer
 from rqvae.models.vae import RQVAE
 
@@ -99,19 +99,23 @@ def train_config(model_dir: Path) -> dict:
 
 
 def _trained_on(ar_dir: Path) -> Path | None:
-    """The RQ-VAE folder an RQ-Transformer's run was trained on, when its train_config.json names one."""
+    """The RQ-VAE folder (or run: its model/) an RQ-Transformer's run was trained on, when its
+    train_config.json names one."""
     vae = train_config(ar_dir).get("vae")
-    return Path(vae) if isinstance(vae, str) and (Path(vae) / CONFIG_NAME).is_file() else None
-
-
-def class_names(ar_dir: Path, num_classes: int) -> list[str]:
-    """Names for class ids: the model config's class_names, Fashion-MNIST's when the run trained on
-    "fmnist", else the ids themselves."""
+    if not isinstance(vae, str):
+        return None
     try:
-        names = json.loads((ar_dir / CONFIG_NAME).read_text()).get("class_names")
-    except (OSError, ValueError, AttributeError):
-        names = None
-    if isinstance(names, list) and len(names) == num_classes:
+        return resolve_model_dir(vae)
+    except UserError:
+        return None
+
+
+def class_names(ar: Any, ar_dir: Path) -> list[str]:
+    """Names for class ids: the model config's class_names, Fashion-MNIST's when the run trained on
+    "fmnist" (models saved before configs held names), else the ids themselves."""
+    num_classes = ar.config.num_classes
+    names = getattr(ar.config, "class_names", ())
+    if len(names) == num_classes:
         return [str(n) for n in names]
     data = train_config(ar_dir).get("data")
     if isinstance(data, str) and (data == "fmnist" or data.startswith("fmnist:")):
@@ -130,10 +134,10 @@ def load_models(paths: list[str | Path], device: str | None = None) -> Models:
     if ar_dir is None:
         return models
     models.ar, models.ar_dir = RQTransformer.from_pretrained(ar_dir, map_location=dev).eval(), ar_dir
-    check_pair(models.ar, models.vae)
+    check_pair(models.vae, models.ar)
     cfg = models.ar.config
     if cfg.cond_type == "class":
-        models.class_names = class_names(ar_dir, cfg.num_classes)
+        models.class_names = class_names(models.ar, ar_dir)
     elif cfg.cond_type == "text":
         models.tokenizer = load_tokenizer(ar_dir, max_len=cfg.cond_len)
     return models
