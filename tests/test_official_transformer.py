@@ -43,6 +43,21 @@ def test_converted_logits_match_official(kind, codebook):
         torch.testing.assert_close(cond_logits, io["cond_logits"], atol=1e-5, rtol=0)
 
 
+def test_separate_depth_head_count_matches_official(codebook):
+    """head.block.n_head 2 under body.block.n_head 4, and 3 + 2 layers: the official logits to 1e-5."""
+    folder = DATA / "rqtransformer_class_heads_tiny"
+    model = convert_official_rqtransformer(*load_official(folder), codebook)
+    c = model.config
+    assert (c.n_heads, c.depth_heads, c.n_spatial_layers, c.n_depth_layers) == (4, 2, 3, 2)
+    io = load_file(str(folder / "io.safetensors"))
+    with torch.no_grad():
+        logits = model(io["codes"], io["cond"])
+        greedy = [model.generate(io["cond"], top_k=1, dtype=torch.float32, impl=impl)
+                  for impl in ("reference", "fast")]
+    torch.testing.assert_close(logits.view(io["logits"].shape), io["logits"], atol=1e-5, rtol=0)
+    assert torch.equal(greedy[0], greedy[1])
+
+
 def test_codebook_is_the_vaes_without_padding(codebook):
     raw = torch.load(VAE / "model.pt", weights_only=True)["state_dict"]["quantizer.codebooks.0.weight"]
     assert codebook.shape == (64, 16) and torch.equal(codebook, raw[:-1])
@@ -67,8 +82,12 @@ def test_conversion_errors(codebook):
         convert_official_rqtransformer(state, arch, None)
     with pytest.raises(UserError, match="codes"):
         convert_official_rqtransformer(state, arch, codebook[:10])
-    with pytest.raises(UserError, match="cumsum_depth_ctx"):
-        convert_official_rqtransformer(state, {**arch, "cumsum_depth_ctx": False}, codebook)
+    wider = {**arch, "head": {**arch["head"], "block": {**arch["head"]["block"], "embed_dim": 128}}}
+    with pytest.raises(UserError, match="head.block.embed_dim=128"):  # the official model cannot run it
+        convert_official_rqtransformer(state, wider, codebook)
+    with pytest.raises(UserError, match="gelu='v3'"):
+        convert_official_rqtransformer(state, {**arch, "body": {**arch["body"], "block": {
+            **arch["body"]["block"], "gelu": "v3"}}}, codebook)
     with pytest.raises(UserError, match="rq-transformer"):
         convert_official_rqtransformer(state, {**arch, "type": "rq-vae"}, codebook)
     broken = dict(state)

@@ -8,11 +8,20 @@ hold, so conversion needs that RQ-VAE (ours or an official folder). Name map (of
     body_transformer.blocks.N.{ln1, ln2, attn.{query,key,value,proj}, mlp.{0,2}} -> spatial_blocks.N.(same)
     head_transformer.blocks.N.(same)                                    -> depth_blocks.N.(same)
     classifier.{layer_norm, linear}                                     -> head.{ln, linear}
+      (shared_cls_emb false: linear is a BatchLinear, weight (D, C, K) -> our DepthLinear (D, K, C))
     cond_classifier.{layer_norm, linear} (text models)                  -> text_head.{ln, linear}
 
 Our forward reproduces the official logits to ~1e-6 (tests/test_official_transformer.py), which settled
 two details: input_mlp is applied to each depth's embedding before the sum over depth, and head_mlp is
 applied after the cumulative sum over depth.
+
+Architecture options (official name -> ours): ``head.block.n_head`` -> n_depth_heads, ``attn_bias`` /
+``mlp_bias`` -> attn_bias / mlp_bias, ``gelu`` v1 (exact erf GELU) / v2 (``x * sigmoid(1.702 x)``) -> gelu
+"exact" / "sigmoid", ``cumsum_depth_ctx`` -> cumsum_depth, ``shared_cls_emb: false`` -> per_depth_head, an
+RQ-VAE with ``shared_codebook: false`` -> per_depth_codebooks. ``scaled_head_emb_vqvae``, ``use_padding_emb``
+and ``ar_hierarchy`` are declared by the official config but read by no model code, so any value converts.
+Missing options take the official defaults. Dropout rates act only in training: the body's ``resid_pdrop`` /
+``attn_pdrop`` become ours; the head stack's own rates and ``embd_pdrop`` are not kept.
 """
 
 from __future__ import annotations
@@ -29,46 +38,78 @@ from rqvae.official.load import check_supported, load_official
 from rqvae.official.vae import load_rqvae
 
 # official arch options and the only values our model implements
-_REQUIRED = {"input_emb_vqvae": True, "head_emb_vqvae": True, "cumsum_depth_ctx": True,
-             "shared_tok_emb": True, "shared_cls_emb": True, "scaled_head_emb_vqvae": False,
-             "use_padding_emb": False,
-             "ar_hierarchy": None}
-_BLOCK_REQUIRED = {"mlp_bias": True, "attn_bias": True, "gelu": "v1"}
+_REQUIRED = {"input_emb_vqvae": True, "head_emb_vqvae": True}
+# options the official model code declares but never reads (any value builds the same network)
+_UNUSED = ("scaled_head_emb_vqvae", "use_padding_emb", "ar_hierarchy")
+_GELU = {"v1": "exact", "v2": "sigmoid"}  # official AttentionBlockConfig.gelu -> ours
 
 
-def rqtransformer_config_from_official(arch: dict[str, Any], state_dict: dict[str, torch.Tensor]
-                                       ) -> RQTransformerConfig:
+def _block_options(arch: dict[str, Any]) -> dict[str, Any]:
+    """Options of the official ``body`` / ``head`` stacks -> RQTransformerConfig fields.
+
+    The official code builds each stack from its own block config; our blocks share the biases and the
+    GELU, so those must agree between the stacks, while the head count may differ (n_depth_heads).
+    """
+    width = int(arch["embed_dim"])
+    blocks = {name: {"mlp_bias": True, "attn_bias": True, "gelu": "v1", "embed_dim": width,
+                     **arch[name]["block"]} for name in ("body", "head")}
+    for name, b in blocks.items():
+        if int(b["embed_dim"]) != width:  # its stacks then get inputs of the wrong width and fail
+            raise UserError(f"official config {name}.block.embed_dim={b['embed_dim']} differs from "
+                            f"embed_dim={width}; the official model cannot run such a config either")
+        if b["gelu"] not in _GELU:
+            raise UserError(f"official config {name}.block.gelu={b['gelu']!r} is not one of {sorted(_GELU)}; "
+                            "the official code rejects it too")
+    for k in ("mlp_bias", "attn_bias", "gelu"):
+        check_supported(f"head.block.{k}", blocks["head"][k], blocks["body"][k])
+    body, head = blocks["body"], blocks["head"]
+    depth_heads = int(head["n_head"]) if int(head["n_head"]) != int(body["n_head"]) else None
+    return dict(n_heads=int(body["n_head"]), n_depth_heads=depth_heads,
+                attn_bias=bool(body["attn_bias"]), mlp_bias=bool(body["mlp_bias"]),
+                gelu=_GELU[body["gelu"]], dropout=float(body.get("resid_pdrop", 0.1)),
+                attn_dropout=float(body.get("attn_pdrop", 0.0)))
+
+
+def _cond_options(arch: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Text when the checkpoint has ``cond_classifier`` weights, unconditional when the condition vocabulary
+    and length are 1, else class-conditional."""
+    n_cond, cond_len = int(arch["vocab_size_cond"]), int(arch["block_size_cond"])
+    if any(k.startswith("cond_classifier.") for k in state_dict):
+        return dict(cond_type="text", num_classes=1, text_vocab_size=n_cond, cond_len=cond_len)
+    if max(n_cond, 1) == 1 and max(cond_len, 1) == 1:
+        return dict(cond_type="uncond", num_classes=1)
+    return dict(cond_type="class", num_classes=n_cond, cond_len=cond_len)
+
+
+def _vocab_size(arch: dict[str, Any], depth: int) -> int:
+    vocab = arch["vocab_size"]
+    if isinstance(vocab, (list, tuple)):
+        if len(set(vocab)) != 1 or len(vocab) != depth:
+            raise UserError(f"official config vocab_size={list(vocab)} gives the depths different codebook "
+                            "sizes, which is not supported (one size K for all depths)")
+        vocab = vocab[0]
+    return int(vocab)
+
+
+def rqtransformer_config_from_official(arch: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                                       per_depth_codebooks: bool = False) -> RQTransformerConfig:
     """Map an official ``arch`` section (type rq-transformer) to :class:`RQTransformerConfig`.
 
-    The condition kind: text when the checkpoint has ``cond_classifier`` weights, unconditional when the
-    condition vocabulary and length are 1, else class-conditional.
+    ``per_depth_codebooks``: the paired RQ-VAE has one codebook per depth (its ``shared_codebook: false``).
     """
     if arch.get("type") != "rq-transformer":
         raise UserError(f"arch.type is {arch.get('type')!r}, not 'rq-transformer'")
     for k, want in _REQUIRED.items():
-        check_supported(k, arch.get(k, want), want)
+        check_supported(k, arch.get(k, False), want)
     try:
         H, W, D = (int(s) for s in arch["block_size"])
-        body, head = arch["body"], arch["head"]
-        for name, part in (("body", body), ("head", head)):
-            for k, want in _BLOCK_REQUIRED.items():
-                check_supported(f"{name}.block.{k}", part["block"].get(k, want), want)
-            check_supported(f"{name}.block.embed_dim", part["block"]["embed_dim"], arch["embed_dim"])
-        check_supported("head.block.n_head", head["block"]["n_head"], body["block"]["n_head"])
-        check_supported("head.block.resid_pdrop", head["block"]["resid_pdrop"], body["block"]["resid_pdrop"])
-        n_cond, cond_len = int(arch["vocab_size_cond"]), int(arch["block_size_cond"])
-        if any(k.startswith("cond_classifier.") for k in state_dict):
-            cond = dict(cond_type="text", num_classes=1, text_vocab_size=n_cond, cond_len=cond_len)
-        elif n_cond == 1 and cond_len == 1:
-            cond = dict(cond_type="uncond", num_classes=1)
-        else:
-            cond = dict(cond_type="class", num_classes=n_cond, cond_len=cond_len)
         return RQTransformerConfig(
-            code_shape=(H, W, D), vocab_size=int(arch["vocab_size"]), embed_dim=int(arch["input_embed_dim"]),
-            width=int(arch["embed_dim"]), n_spatial_layers=int(body["n_layer"]),
-            n_depth_layers=int(head["n_layer"]), n_heads=int(body["block"]["n_head"]),
-            dropout=float(body["block"]["resid_pdrop"]), attn_dropout=float(body["block"]["attn_pdrop"]),
-            cfg_dropout=0.0, **cond)
+            code_shape=(H, W, D), vocab_size=_vocab_size(arch, D), embed_dim=int(arch["input_embed_dim"]),
+            width=int(arch["embed_dim"]), n_spatial_layers=int(arch["body"]["n_layer"]),
+            n_depth_layers=int(arch["head"]["n_layer"]), cfg_dropout=0.0,
+            cumsum_depth=bool(arch.get("cumsum_depth_ctx", False)),
+            per_depth_head=not arch.get("shared_cls_emb", False), per_depth_codebooks=per_depth_codebooks,
+            **_block_options(arch), **_cond_options(arch, state_dict))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"official rq-transformer config is missing or has a malformed field ({e!r}); "
                         "is it the arch section of an official stage-2 config?") from None
@@ -92,48 +133,58 @@ def _rename(key: str) -> str:
 
 def convert_official_rqtransformer(state_dict: dict[str, torch.Tensor], arch: dict[str, Any],
                                    codebook: torch.Tensor | None = None) -> RQTransformer:
-    """Official stage-2 state dict + arch + the paired RQ-VAE codebook (K, n_z) -> RQTransformer (eval mode).
+    """Official stage-2 state dict + arch + the paired RQ-VAE codebook -> RQTransformer (eval mode).
 
-    ``codebook`` may also be our quantizer's (n_books, K, n_z) buffer (shared codebook) or the official
-    (K + 1, n_z) tensor whose last row is padding; see :func:`load_codebook`.
+    ``codebook``: (K, n_z), the official (K + 1, n_z) tensor whose last row is padding, or our quantizer's
+    (n_books, K, n_z) buffer: one codebook per depth when n_books = D and they differ (see
+    :func:`load_codebook`).
     """
     if codebook is None:
         raise UserError("an official RQ-Transformer embeds codes with its RQ-VAE's codebook, which its "
                         "checkpoint lacks; pass the paired RQ-VAE folder (--vae DIR)")
-    config = rqtransformer_config_from_official(arch, state_dict)
-    codebook = _as_shared_codebook(codebook, config.vocab_size)
+    per_depth = _codebooks_differ(codebook)
+    config = rqtransformer_config_from_official(arch, state_dict, per_depth_codebooks=per_depth)
+    codebook = _as_codebook(codebook, config.vocab_size, config.depth)
     state = {}
     for k, v in state_dict.items():
         name = _rename(k)
-        state[name] = v[0] if name in ("pos_cond", "pos_spatial", "pos_depth") else v
+        if name in ("pos_cond", "pos_spatial", "pos_depth"):
+            v = v[0]
+        elif name == "head.linear.weight" and config.per_depth_head:
+            v = v.transpose(1, 2)  # official BatchLinear (D, C, K) -> ours (D, K, C)
+        state[name] = v
     state["codebook"] = codebook
     model = RQTransformer(config, codebook=codebook)
     load_state_dict_checked(model, state, source="official rq-transformer state dict")
     return model.eval()
 
 
-def _as_shared_codebook(codebook: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _codebooks_differ(codebook: torch.Tensor) -> bool:
+    """True for (n_books, K, n_z) codebooks that are not all the same (an RQ-VAE with one per depth)."""
+    return codebook.dim() == 3 and not all(torch.equal(codebook[0], c) for c in codebook[1:])
+
+
+def _as_codebook(codebook: torch.Tensor, vocab_size: int, depth: int) -> torch.Tensor:
+    """-> (K, n_z) for a shared codebook, (D, K, n_z) for per-depth ones; official padding rows dropped."""
     cb = codebook.detach().float()
-    if cb.dim() == 3:  # (n_books, K, n_z): one codebook shared by all depths
-        if cb.shape[0] > 1 and not all(torch.equal(cb[0], cb[i]) for i in range(1, cb.shape[0])):
-            raise UserError("the RQ-VAE has a separate codebook per depth; the RQ-Transformer needs one "
-                            "shared codebook")
+    if cb.dim() == 3 and not _codebooks_differ(cb):  # (n_books, K, n_z): one codebook shared by all depths
         cb = cb[0]
-    if cb.dim() != 2:
-        raise UserError(f"a codebook must be (K, n_z), got shape {tuple(codebook.shape)}")
-    if cb.shape[0] == vocab_size + 1:  # official layout: the last row is padding
-        cb = cb[:-1]
-    if cb.shape[0] != vocab_size:
-        raise UserError(f"the RQ-VAE codebook has {cb.shape[0]} codes but the RQ-Transformer has vocab_size "
+    if cb.dim() not in (2, 3) or (cb.dim() == 3 and cb.shape[0] != depth):
+        raise UserError(f"a codebook must be (K, n_z) or ({depth}, K, n_z) (one per depth), got shape "
+                        f"{tuple(codebook.shape)}")
+    if cb.shape[-2] == vocab_size + 1:  # official layout: the last row is padding
+        cb = cb[..., :-1, :]
+    if cb.shape[-2] != vocab_size:
+        raise UserError(f"the RQ-VAE codebook has {cb.shape[-2]} codes but the RQ-Transformer has vocab_size "
                         f"{vocab_size}; pass the RQ-VAE it was trained with")
     return cb.contiguous()
 
 
 def load_codebook(vae_dir: str | os.PathLike) -> torch.Tensor:
-    """The shared codebook (K, n_z) of an RQ-VAE folder: ours (config.json + model.safetensors) or an
-    official one (model.pt + config.yaml)."""
+    """The codebook of an RQ-VAE folder, ours (config.json + model.safetensors) or an official one (model.pt
+    + config.yaml): (K, n_z) when shared by all depths, else (D, K, n_z)."""
     cb = load_rqvae(vae_dir).quantizer.codebook.detach()  # (n_books, K, n_z)
-    return _as_shared_codebook(cb, cb.shape[1])
+    return cb if _codebooks_differ(cb) else cb[0].contiguous()
 
 
 def convert_official_rqtransformer_dir(src_dir: str | os.PathLike, vae_dir: str | os.PathLike,
