@@ -1,0 +1,158 @@
+"""Official RQ-Transformer architecture options that the fixtures do not cover, checked against a direct
+computation written here from the meaning of each option (kakaobrain/rq-vae-transformer): an official-layout
+state dict is built by hand, converted, and our forward must equal the official maths on those tensors."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from rqvae.models.transformer import RQTransformer
+from rqvae.official.convert import convert_official
+from rqvae.official.load import load_official
+from rqvae.official.transformer import convert_official_rqtransformer, load_codebook
+
+DATA = Path(__file__).parent / "data" / "official"
+B, (H, W, D), K, NZ, C, L = 2, (3, 3, 3), 12, 6, 16, 1
+
+# (name, options): every non-default official option in one of them
+OPTIONS = {
+    "all-off": dict(body_heads=4, head_heads=2, bias=False, gelu="v2", cumsum=False, shared_cls=False,
+                    shared_codebook=False),
+    "mixed": dict(body_heads=2, head_heads=4, bias=True, gelu="v2", cumsum=True, shared_cls=True,
+                  shared_codebook=True, scaled_head_emb_vqvae=True, use_padding_emb=True),
+    "exact-per-depth-cls": dict(body_heads=4, head_heads=4, bias=True, gelu="v1", cumsum=True,
+                                shared_cls=False, shared_codebook=True),
+}
+
+
+def official_arch(o: dict) -> dict:
+    def stack(n_layer, heads):
+        return {"n_layer": n_layer, "block": {"embed_dim": C, "n_head": heads, "mlp_bias": o["bias"],
+                                              "attn_bias": o["bias"], "gelu": o["gelu"]}}
+    return {"type": "rq-transformer", "vocab_size": K, "block_size": [H, W, D], "vocab_size_cond": 5,
+            "block_size_cond": L, "embed_dim": C, "input_embed_dim": NZ, "input_emb_vqvae": True,
+            "head_emb_vqvae": True, "cumsum_depth_ctx": o["cumsum"], "shared_tok_emb": False,
+            "shared_cls_emb": o["shared_cls"], "body": stack(2, o["body_heads"]),
+            "head": stack(2, o["head_heads"]),
+            **{k: o[k] for k in ("scaled_head_emb_vqvae", "use_padding_emb") if k in o}}
+
+
+def official_state(o: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    sd = {"pos_emb_cond": r(1, L, C), "pos_emb_hw": r(1, H * W, C), "pos_emb_d": r(1, D, C),
+          "cond_emb.weight": r(5, C), "input_mlp.weight": r(C, NZ), "input_mlp.bias": r(C),
+          "head_mlp.weight": r(C, NZ), "head_mlp.bias": r(C), "classifier.layer_norm.weight": 1 + r(C),
+          "classifier.layer_norm.bias": r(C)}
+    if o["shared_cls"]:
+        sd.update({"classifier.linear.weight": r(K, C), "classifier.linear.bias": r(K)})
+    else:  # BatchLinear: weight (D, in, out), bias (D, out)
+        sd.update({"classifier.linear.weight": r(D, C, K), "classifier.linear.bias": r(D, K)})
+    for stack in ("body_transformer", "head_transformer"):
+        for i in range(2):
+            p = f"{stack}.blocks.{i}."
+            shapes = {"attn.query": (C, C), "attn.key": (C, C), "attn.value": (C, C), "attn.proj": (C, C),
+                      "mlp.0": (4 * C, C), "mlp.2": (C, 4 * C)}
+            for name, shape in shapes.items():
+                sd[p + name + ".weight"] = r(*shape)
+                if o["bias"]:
+                    sd[p + name + ".bias"] = r(shape[0])
+            for ln in ("ln1", "ln2"):
+                sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + r(C), r(C)
+    return sd
+
+
+def linear(x, sd, name):
+    return F.linear(x, sd[name + ".weight"], sd.get(name + ".bias"))
+
+
+def block(x, sd, p, heads, gelu):
+    """Pre-LN GPT block with explicit causal softmax attention; gelu v1 = erf GELU, v2 = x*sigmoid(1.702x)."""
+    n, T, _ = x.shape
+    h = F.layer_norm(x, (C,), sd[p + "ln1.weight"], sd[p + "ln1.bias"])
+    q, k, v = (linear(h, sd, p + f"attn.{m}").view(n, T, heads, -1).transpose(1, 2)
+               for m in ("query", "key", "value"))
+    att = q @ k.transpose(-1, -2) / math.sqrt(C // heads)
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    x = x + linear((att @ v).transpose(1, 2).reshape(n, T, C), sd, p + "attn.proj")
+    m = linear(F.layer_norm(x, (C,), sd[p + "ln2.weight"], sd[p + "ln2.bias"]), sd, p + "mlp.0")
+    m = F.gelu(m) if gelu == "v1" else m * torch.sigmoid(1.702 * m)
+    return x + linear(m, sd, p + "mlp.2")
+
+
+def official_logits(o, sd, books, codes, cond):
+    """books (D, K, n_z): depth d's codes embed with books[d] (all equal for a shared codebook)."""
+    gelu = o["gelu"]
+    xs = codes.view(B, H * W, D)
+    emb = torch.stack([books[d][xs[..., d]] for d in range(D)], dim=2)  # (B, T, D, n_z)
+    x = torch.cat([sd["cond_emb.weight"][cond][:, None] + sd["pos_emb_cond"],
+                   (linear(emb, sd, "input_mlp").sum(2) + sd["pos_emb_hw"])[:, :-1]], dim=1)
+    for i in range(2):
+        x = block(x, sd, f"body_transformer.blocks.{i}.", o["body_heads"], gelu)
+    ctx = linear(emb.cumsum(2) if o["cumsum"] else emb, sd, "head_mlp")  # (B, T, D, C)
+    v = (torch.cat([x[:, L - 1:, None], ctx[:, :, :-1]], dim=2) + sd["pos_emb_d"]).view(B * H * W, D, C)
+    for i in range(2):
+        v = block(v, sd, f"head_transformer.blocks.{i}.", o["head_heads"], gelu)
+    v = F.layer_norm(v, (C,), sd["classifier.layer_norm.weight"], sd["classifier.layer_norm.bias"])
+    if o["shared_cls"]:
+        return linear(v, sd, "classifier.linear").view(B, H * W, D, K)
+    out = torch.einsum("bij,ijk->bik", v, sd["classifier.linear.weight"]) + sd["classifier.linear.bias"]
+    return out.view(B, H * W, D, K)
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_converted_forward_equals_the_official_computation(name):
+    o = OPTIONS[name]
+    g = torch.Generator().manual_seed(3)
+    sd = official_state(o, g)
+    books = torch.randn(D, K + 1, NZ, generator=g)  # official layout: K codes + 1 padding row per depth
+    if o["shared_codebook"]:
+        books[:] = books[0].clone()
+    model = convert_official_rqtransformer(sd, official_arch(o), books)
+    assert model.config.per_depth_codebooks == (not o["shared_codebook"])
+    codes = torch.randint(0, K, (B, H, W, D), generator=g)
+    cond = torch.tensor([1, 4])
+    with torch.no_grad():
+        got = model(codes, cond)
+        want = official_logits(o, sd, books[:, :K], codes, cond)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ref, fast = (model.generate(cond, top_k=3, generator=torch.Generator().manual_seed(0),
+                                dtype=torch.float32, impl=impl) for impl in ("reference", "fast"))
+    assert torch.equal(ref, fast)
+
+
+def test_rqvae_with_a_codebook_per_depth_converts_both_stages(tmp_path):
+    """An official RQ-VAE with shared_codebook: false -> per-depth codebooks, and the stage-2 model on it."""
+    vae = tmp_path / "vae"
+    shutil.copytree(DATA / "rqvae_tiny", vae)
+    ckpt = torch.load(vae / "model.pt", weights_only=True)
+    for d in range(1, 4):  # every depth its own (K + 1, n_z) tensors
+        for k in ("weight", "embed_ema", "cluster_size_ema"):
+            name = f"quantizer.codebooks.{d}.{k}"
+            ckpt["state_dict"][name] = ckpt["state_dict"][name] * (1 + d / 10)
+    torch.save(ckpt, vae / "model.pt")
+    cfg = yaml.safe_load((vae / "config.yaml").read_text())
+    cfg["arch"]["hparams"]["shared_codebook"] = False
+    (vae / "config.yaml").write_text(yaml.safe_dump(cfg))
+    books = load_codebook(vae)
+    assert books.shape == (4, 64, 16) and not torch.equal(books[0], books[1])
+    convert_official(DATA / "rqtransformer_class_tiny", tmp_path / "ar", vae_dir=vae)
+    model = RQTransformer.from_pretrained(tmp_path / "ar").eval()
+    assert model.config.per_depth_codebooks and torch.equal(model.codebook, books)
+    state, arch = load_official(DATA / "rqtransformer_class_tiny")
+    shared = convert_official_rqtransformer(state, arch, books[0])
+    codes = torch.randint(0, 64, (1, 8, 8, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(codes, torch.tensor([2])), shared(codes, torch.tensor([2]))
+    # position 0: depths 0 and 1 see the condition and book 0 only (the same in both models); depth d >= 2
+    # sees books 1..d-1, which differ
+    torch.testing.assert_close(a[:, 0, :2], b[:, 0, :2])
+    assert (a[:, 0, 2:] - b[:, 0, 2:]).abs().amax(-1).gt(1e-4).all()
