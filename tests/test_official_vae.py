@@ -57,6 +57,13 @@ def test_config_mapping():
     assert cfg.attn_resolutions == (8,) and cfg.shared_codebook and cfg.commitment_weight == 0.25
 
 
+def test_per_depth_lists_of_one_value_map_to_numbers():
+    _, arch = load_official(SRC)
+    hp = {**arch["hparams"], "shared_codebook": False, "n_embed": [64] * 4, "decay": [0.9] * 4}
+    cfg = rqvae_config_from_official({**arch, "hparams": hp})
+    assert (cfg.codebook_size, cfg.ema_decay, cfg.shared_codebook) == (64, 0.9, False)
+
+
 def test_converted_matches_official_outputs(converted, io):
     assert not converted.training
     assert converted.quantizer.codebook.shape == (1, 64, 16)  # padding row dropped
@@ -95,6 +102,8 @@ def _copy(tmp_path: Path, edit=None) -> Path:
     (lambda c: c["arch"]["hparams"].update(latent_shape=[4, 4, 64]), "regroup latent positions"),
     (lambda c: c["arch"]["hparams"].update(n_embed=32), "config expects \\(33, 16\\)"),
     (lambda c: c["arch"]["ddconfig"].update(ch=64), "does not match its config"),
+    (lambda c: c["arch"]["hparams"].update(shared_codebook=False, n_embed=[64, 64, 32, 32]),
+     "n_embed=\\[64, 64, 32, 32\\] differs between depths"),
 ])
 def test_bad_configs_exit_2(tmp_path, capsys, edit, message):
     src = _copy(tmp_path, edit)

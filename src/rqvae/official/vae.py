@@ -30,6 +30,20 @@ _HPARAM_FIELDS = {"loss_type", "restart_unused_codes", "use_padding_idx", "maske
 _ARCH_FIELDS = {"type", "ema", "hparams", "ddconfig", "checkpointing", "code_hier"}
 
 
+def _one_per_all(hp: dict[str, Any], key: str, default: Any) -> Any:
+    """hparams.n_embed / decay: a number, or a list with one per depth (official, without a shared
+    codebook); a list must hold one value, since our quantizer has one codebook size and decay."""
+    value = hp.get(key, default)
+    if value is None:
+        raise UserError(f"official rq-vae config lacks 'hparams.{key}'")
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise UserError(f"official hparams.{key}={list(value)} differs between depths, which is not "
+                            f"supported (one {key} for all depths)")
+        value = value[0]
+    return value
+
+
 def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
     """Map an official ``arch`` section (type rq-vae: ``ddconfig`` + ``hparams``) to :class:`RQVAEConfig`."""
     if arch.get("type") != "rq-vae":
@@ -53,6 +67,7 @@ def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
     for what, value, want in checks:
         check_supported(what, value, want)
     check_supported("ddconfig.out_ch", dd.get("out_ch", dd["in_channels"]), dd["in_channels"])
+    n_embed, decay = _one_per_all(hp, "n_embed", None), _one_per_all(hp, "decay", 0.99)
     try:
         code_shape, latent_shape = list(hp["code_shape"]), list(hp["latent_shape"])
         n = len(dd["ch_mult"])
@@ -61,9 +76,9 @@ def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
                           num_res_blocks=int(dd["num_res_blocks"]),
                           attn_resolutions=tuple(dd.get("attn_resolutions", ())),
                           z_channels=int(dd["z_channels"]), embed_dim=int(hp["embed_dim"]),
-                          codebook_size=int(hp["n_embed"]), depth=int(code_shape[-1]),
+                          codebook_size=int(n_embed), depth=int(code_shape[-1]),
                           shared_codebook=bool(hp.get("shared_codebook", True)),
-                          ema_decay=float(hp.get("decay", 0.99)),
+                          ema_decay=float(decay),
                           restart_dead_codes=bool(hp.get("restart_unused_codes", True)),
                           commitment_weight=float(hp.get("latent_loss_weight", 0.25)),
                           dropout=float(dd.get("dropout", 0.0)))
