@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
 
     cfg = run_training(TrainVAEConfig, args, lambda cfg: (train_vae(cfg), cfg)[1])
-    if distributed.get_rank() == 0:
-        print(f"saved the model to {Path(cfg.run_dir) / 'model'}")
+    run = Path(cfg.run_dir)
+    if distributed.get_rank() == 0 and (run / "model").is_dir():  # not after --stop-after
+        last = f" (the best on the validation data; the final one: {run / 'model-last'})" \
+            if (run / "model-last").is_dir() else ""
+        print(f"saved the model to {run / 'model'}{last}")
     return 0

@@ -27,6 +27,12 @@ decay to 0, gradient-norm clipping at 1.0 (``--bf16``: bf16 autocast where it is
 and the codes of micro-batch m depend only on (seed, m, rank), so a resumed run is bitwise identical to
 an uninterrupted one on CPU. :class:`ARTask` supplies this; the loop is
 :class:`rqvae.train.trainer.Trainer`'s.
+
+Fine-tuning (``--init-from DIR``, :mod:`rqvae.train.ar_init`): start from a trained RQ-Transformer (ours, a
+run's ``model/`` or an official checkpoint) with a fresh optimizer; another class count gets new class
+embeddings. Validation (``--val-data`` / ``--val-split``): ``val/bits_d1..D`` and ``val/bits``, the NLL
+in bits per code of the greedy codes; ``RUN/model/`` is then the model with the lowest ``val/bits`` and
+``RUN/model-last/`` the final one.
 """
 
 from __future__ import annotations
@@ -45,16 +51,27 @@ from rqvae import distributed as dist
 from rqvae.config import option
 from rqvae.data import ResumableBatchSampler, build_image_dataset
 from rqvae.data.features import load_or_build_features
-from rqvae.data.text import save_tokenizer
+from rqvae.data.text import TOKENIZER_NAME, encode_texts, save_tokenizer
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
-from rqvae.models.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig
+from rqvae.models.transformer import AR_PRESETS, RQTransformer
 from rqvae.models.vae import RQVAE
 from rqvae.train.ar_cond import Conditions, build_conditions, dataset_captions, sample_grid
+from rqvae.train.ar_init import (
+    DEFAULT_PRESET,
+    check_codebook,
+    data_fields,
+    init_config,
+    load_into,
+    scratch_config,
+)
+from rqvae.train.finetune import INIT_HELP, init_folder, load_init_transformer
 from rqvae.train.optim import build_optimizer, build_scheduler
 from rqvae.train.precision import autocast
 from rqvae.train.task import TrainerConfig, TrainTask, config_json
 from rqvae.train.trainer import Trainer
+from rqvae.train.val_metrics import ar_bits, split_output
+from rqvae.train.validation import ValidationConfig, holdout_indices, val_split_name
 
 log = logging.getLogger("rqvae.train.ar")
 
@@ -68,12 +85,18 @@ __all__ = ["ARTask", "Conditions", "TrainARConfig", "ar_image_loss", "ar_text_lo
 
 
 @dataclass(kw_only=True)
-class TrainARConfig(TrainerConfig):
+class TrainARConfig(TrainerConfig, ValidationConfig):
     vae: str = option(help="folder of the trained RQ-VAE (a train-vae run's model/)")
     data: str = option(help="image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'")
+    init_from: str | None = option(None, INIT_HELP + "; on data with another class count the class "
+                                         "embeddings are new", metavar="DIR")
+    allow_new_codebook: bool = option(False, "with --init-from: accept a --vae whose codebook differs from "
+                                             "the one the model was trained on (e.g. a fine-tuned "
+                                             "tokenizer); the new codebook replaces the model's")
     cond: str = option("class", "condition: class labels (sub-folders / Fashion-MNIST labels), none, or "
                                 "captions", choices=("class", "uncond", "text"))
-    preset: str = option("fmnist-small", f"RQ-Transformer preset: {', '.join(AR_PRESETS)}")
+    preset: str | None = option(None, f"RQ-Transformer preset: {', '.join(AR_PRESETS)} (default: "
+                                      f"{DEFAULT_PRESET}; with --init-from: that model's architecture)")
     model: dict[str, Any] = option(factory=dict, flag="--model-config", metavar="JSON",
                                    help="JSON file (or inline JSON object) of RQTransformerConfig fields "
                                         "over the preset")
@@ -99,7 +122,8 @@ class TrainARConfig(TrainerConfig):
     soft_labels: bool = option(True, "soft targets Q_tau (--no-soft-labels, ablation: one-hot of the codes)")
     stochastic: bool = option(True, "codes sampled from Q_tau (--no-stochastic, ablation: greedy codes)")
     cond_dropout: float | None = option(None, "probability of the null condition, for classifier-free "
-                                              "guidance (default: the preset's cfg_dropout)")
+                                              "guidance (default: the preset's cfg_dropout, or the "
+                                              "--init-from model's)")
     text_loss_weight: float = option(TEXT_LOSS_WEIGHT, "text models: weight of the caption loss")
     image_loss_weight: float = option(IMAGE_LOSS_WEIGHT, "text models: weight of the image loss")
     samples_per_class: int = option(4, "samples per class (or prompt) in the sample grids")
@@ -109,7 +133,8 @@ class TrainARConfig(TrainerConfig):
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return OFFICIAL_LR if self.preset.startswith(PAPER_PRESET_PREFIXES) else SMALL_PRESET_LR
+        preset = self.preset or ("imagenet" if self.init_from else DEFAULT_PRESET)  # fine-tuning: 5e-4
+        return OFFICIAL_LR if preset.startswith(PAPER_PRESET_PREFIXES) else SMALL_PRESET_LR
 
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 20)
@@ -117,7 +142,7 @@ class TrainARConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         checks = [
-            (self.preset in AR_PRESETS,
+            (self.preset is None or self.preset in AR_PRESETS,
              f"unknown RQ-Transformer preset {self.preset!r}; choose one of {sorted(AR_PRESETS)}"),
             (self.learning_rate() > 0, f"--lr must be > 0, got {self.learning_rate()}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
@@ -130,6 +155,7 @@ class TrainARConfig(TrainerConfig):
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self.check_validation()
 
 
 # ---------------------------------------------------------------------------------------- loss
@@ -159,37 +185,6 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
-# ------------------------------------------------------------------------------------------ model
-def _model_config(cfg: TrainARConfig, vae: Any, cond: Conditions, code_hw: tuple[int, int]) -> Any:
-    fields = dict(cfg.model)
-    vc = vae.config
-    fields.update(code_shape=(code_hw[0], code_hw[1], vc.depth), vocab_size=vc.codebook_size,
-                  embed_dim=vc.embed_dim, cond_type=cond.kind)
-    if cond.kind == "class":
-        fields.update(num_classes=cond.num_classes)
-    fields["cond_len"] = 1
-    if cond.kind == "text":
-        fields.update(text_vocab_size=cond.tokenizer.get_vocab_size(), cond_len=cond.values.shape[1])
-    if cfg.cond_dropout is not None:
-        fields["cfg_dropout"] = cfg.cond_dropout
-    elif cond.kind == "uncond":
-        fields["cfg_dropout"] = 0.0
-    known = {f.name for f in dataclasses.fields(RQTransformerConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise UserError(f"unknown RQ-Transformer config fields {unknown}; valid fields: {sorted(known)}")
-    return dataclasses.replace(AR_PRESETS[cfg.preset], **fields)
-
-
-def _split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's forward output -> (image logits (B, T, D, K), text logits (B, L-1, V) or None)."""
-    if isinstance(out, torch.Tensor):
-        return out, None
-    if isinstance(out, tuple):
-        return out[0], (out[1] if len(out) > 1 else None)
-    return out.logits, getattr(out, "cond_logits", None)
-
-
 class ARTask(TrainTask):
     """Stage 2: the RQ-Transformer (optimizer "model") on codes drawn from cached features."""
 
@@ -197,6 +192,10 @@ class ARTask(TrainTask):
 
     def __init__(self, cfg: TrainARConfig, dataset: Any = None) -> None:
         self.cfg, self.dataset = cfg, dataset
+        self.init_model: RQTransformer | None = None
+        self.notes: list[str] = []  # start-up lines about fine-tuning
+        self.train_items: torch.Tensor | None = None  # cache rows to train on (None: all)
+        self.val: tuple[torch.Tensor, torch.Tensor] | None = None  # validation latents and conditions
 
     def prepare(self, info: DistInfo) -> None:
         """The frozen tokenizer, the data, the cached features and the conditions."""
@@ -216,14 +215,58 @@ class ARTask(TrainTask):
             vae, cfg.vae, self.dataset, data_spec=cfg.data, split=cfg.split, image_size=vc.image_size,
             channels=vc.in_channels, cache_dir=cfg.feature_cache, flip=cfg.flip, captions=captions,
             device=info.device, progress=cfg.progress and info.is_main)
-        self.cond = build_conditions(cfg, self.dataset, self.cache.labels, self.cache.captions)
+        self.cond = build_conditions(self._cond_cfg(), self.dataset, self.cache.labels, self.cache.captions)
+        data = data_fields(cfg, vae, self.cond, self.cache.code_hw)
+        self.codebook = vae.quantizer.codebook[0].detach().clone()
+        if cfg.init_from:
+            self.init_model = loaded = load_init_transformer(cfg.init_from, self.codebook.cpu())
+            self.model_cfg = init_config(cfg, loaded.config, data)
+            if check_codebook(cfg, loaded, self.codebook):
+                self.notes.append(f"the codebook of {cfg.vae} replaces the model's (--allow-new-codebook)")
+        else:
+            self.model_cfg = scratch_config(cfg, data)
+        self._prepare_validation(captions)
+
+    def _cond_cfg(self) -> Any:
+        """The config for the conditions: a text model fine-tuned from a folder uses its tokenizer."""
+        cfg = self.cfg
+        if cfg.cond == "text" and cfg.init_from and cfg.tokenizer is None:
+            tok = init_folder(cfg.init_from) / TOKENIZER_NAME
+            if tok.is_file():
+                return dataclasses.replace(cfg, tokenizer=str(tok))
+        return cfg
+
+    def _prepare_validation(self, captions: list[str] | None) -> None:
+        """Held-out latents and conditions: a seeded part of the cache (--val-split; flipped copies of
+        held-out images are left out of training too) or the features of --val-data."""
+        cfg, cache, cond = self.cfg, self.cache, self.cond
+        if cfg.val_split > 0:
+            n = len(cache) // 2 if cfg.flip else len(cache)  # rows n..2n-1 mirror rows 0..n-1
+            train, held = holdout_indices(n, cfg.val_split, cfg.seed)
+            self.train_items = torch.cat([train, train + n]) if cfg.flip else train
+            self.val = cache.latents[held], cond.values[held]
+        elif cfg.val_data is not None:
+            vc, split = self.vae.config, val_split_name(cfg.val_data)
+            ds = build_image_dataset(cfg.val_data, vc.image_size, vc.in_channels, split=split)
+            texts = dataset_captions(dataclasses.replace(cfg, data=cfg.val_data), ds) if cond.kind == "text" \
+                else None
+            val = load_or_build_features(
+                self.vae, cfg.vae, ds, data_spec=cfg.val_data, split=split, image_size=vc.image_size,
+                channels=vc.in_channels, cache_dir=cfg.feature_cache, captions=texts, device=self.device,
+                progress=False)
+            values = {"uncond": torch.zeros_like(val.labels), "class": val.labels}.get(cond.kind)
+            if cond.kind == "class" and int(val.labels.max()) >= cond.num_classes:
+                raise UserError(f"--val-data {cfg.val_data} has more classes than the training data "
+                                f"({cond.num_classes})")
+            self.val = val.latents, encode_texts(cond.tokenizer, texts) if values is None else values
+        self.val_metric = "val/bits" if self.val is not None else None
 
     def build(self, info: DistInfo) -> None:
 
         cfg = self.cfg
-        self.model_cfg = _model_config(cfg, self.vae, self.cond, self.cache.code_hw)
-        codebook = self.vae.quantizer.codebook[0].detach().clone()
-        self.model = model = RQTransformer(self.model_cfg, codebook=codebook).to(info.device)
+        self.model = model = RQTransformer(self.model_cfg, codebook=self.codebook).to(info.device)
+        if self.init_model is not None:
+            self.notes += load_into(model, self.init_model)
         dist.broadcast_module(model)
         model.train()
         opt = build_optimizer(model, "adamw", lr=cfg.learning_rate(), betas=tuple(cfg.betas),
@@ -233,9 +276,11 @@ class ARTask(TrainTask):
 
     def batches(self, start: int) -> Iterator[Any]:
 
-        info = self.info
-        return iter(ResumableBatchSampler(len(self.cache), self.cfg.batch_size, self.cfg.seed, info.rank,
-                                          info.world_size, start_step=start, seeded_keys=False))
+        info, items = self.info, self.train_items
+        sampler = ResumableBatchSampler(len(self.cache) if items is None else len(items), self.cfg.batch_size,
+                                        self.cfg.seed, info.rank, info.world_size, start_step=start,
+                                        seeded_keys=False)
+        return iter(sampler) if items is None else (items[torch.tensor(b)].tolist() for b in sampler)
 
     def train_step(self, batch: Any, *, step: int, micro: int, scale: float) -> dict[str, torch.Tensor]:
         cfg, cond, device = self.cfg, self.cond, self.device
@@ -249,7 +294,7 @@ class ARTask(TrainTask):
         B, h, w, D = codes.shape
         with autocast(device, cfg.bf16):
             out = self.model(codes, c, return_cond_logits=cond.kind == "text")
-        logits, text_logits = _split_output(out)  # (B, T, D, K), (B, L-1, V)
+        logits, text_logits = split_output(out)  # (B, T, D, K), (B, L-1, V)
         img_loss = ar_image_loss(logits, probs.reshape(B, h * w, D, -1), codes.reshape(B, h * w, D),
                                  soft_labels=cfg.soft_labels)
         parts = {"loss/image": img_loss}
@@ -260,6 +305,14 @@ class ARTask(TrainTask):
         parts["loss/total"] = loss
         (loss * scale).backward()
         return {k: v.detach() for k, v in parts.items()}
+
+    def validate(self, step: int) -> dict[str, float] | None:
+        cfg = self.cfg
+        if self.val is None or not cfg.is_validation_step(step, cfg.steps):
+            return None
+        latents, conds = self.val
+        return ar_bits(self.model, self.vae.quantizer, latents, conds, batch_size=cfg.batch_size,
+                       device=self.device)
 
     def sample(self, step: int) -> torch.Tensor | None:
         cfg = self.cfg
@@ -272,15 +325,26 @@ class ARTask(TrainTask):
     def describe(self, world_size: int) -> list[str]:
         mc, cfg = self.model_cfg, self.cfg
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return [f"RQ-Transformer {n_params / 1e6:.2f}M parameters, codes {tuple(mc.code_shape)} "
-                f"K={mc.vocab_size}, cond {self.cond.kind}, {len(self.cache)} cached items "
-                f"({self.cache.path}), lr {cfg.learning_rate():g}, {world_size} process(es) x batch "
-                f"{cfg.batch_size}"]
+        lines = [f"RQ-Transformer {n_params / 1e6:.2f}M parameters, codes {tuple(mc.code_shape)} "
+                 f"K={mc.vocab_size}, cond {self.cond.kind}, {len(self.cache)} cached items "
+                 f"({self.cache.path}), lr {cfg.learning_rate():g}, {world_size} process(es) x batch "
+                 f"{cfg.batch_size}"]
+        if self.cond.kind == "class":
+            table = ", ".join(f"{i} {name}" for i, name in enumerate(self.cond.class_names or []))
+            lines.append(f"classes (id name): {table}")
+        if cfg.init_from:
+            lines.append(f"fine-tuning from {cfg.init_from} (its weights, a fresh optimizer)")
+        lines += [f"init-from: {note}" for note in self.notes]
+        if self.val is not None:
+            every = cfg.validation_interval(cfg.steps)
+            lines.append(f"validation: {self.val[0].shape[0]} items every {every} "
+                         f"steps{' (held out of training)' if self.train_items is not None else ''}")
+        return lines
 
-    def save_final(self, run_dir: Path | None) -> None:
+    def save_final(self, run_dir: Path | None, name: str = "model") -> None:
         if run_dir is None:
             return
-        out = self.model.save_pretrained(run_dir / "model")
+        out = self.model.save_pretrained(run_dir / name)
         if self.cond.kind == "text":
 
             save_tokenizer(self.cond.tokenizer, out)

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 
@@ -38,6 +38,7 @@ class PlainProgress:
     def __init__(self, total: int, initial: int, desc: str, stream: IO[str], interval: float) -> None:
         self.total, self.n, self.desc, self.stream, self.interval = total, initial, desc, stream, interval
         self.loss: float | None = None
+        self.loss_source: Any = None  # a callable returning the running loss (or None), read per line
         self._t_last, self._n_last, self._n_shown = time.perf_counter(), initial, None
 
     def update(self, n: int = 1) -> None:
@@ -48,6 +49,8 @@ class PlainProgress:
     def _line(self) -> None:
         now = time.perf_counter()
         rate = (self.n - self._n_last) / max(now - self._t_last, 1e-9)
+        running = self.loss_source() if self.loss_source is not None else None
+        self.loss = self.loss if running is None else running
         loss = "" if self.loss is None else f" loss {self.loss:.4g}"
         self.stream.write(f"{self.desc} step {self.n}/{self.total}{loss} {rate:.3g} it/s\n")
         self.stream.flush()
@@ -76,6 +79,10 @@ class Logger:
         self._writer = None
         self._bar = None
         self._plain: PlainProgress | None = None
+        self._loss_sum: torch.Tensor | None = None  # running sum of the per-step loss since the last refresh
+        self._loss_n = 0
+        self._postfix: dict[str, str] = {}
+        self._t_postfix = 0.0
         if not enabled:
             return
         if self.run_dir is not None:
@@ -88,6 +95,7 @@ class Logger:
                              file=stream)
         elif progress:
             self._plain = PlainProgress(total_steps, start_step, desc, stream, interval)
+            self._plain.loss_source = self._running_loss
 
     def _open_files(self, start_step: int, tensorboard: bool) -> None:
         assert self.run_dir is not None
@@ -131,7 +139,25 @@ class Logger:
             self._plain.loss = float(loss)
         if self._bar is not None:
             short = {k.split("/")[-1]: f"{v:.4g}" for k, v in values.items() if k.startswith("loss/")}
-            self._bar.set_postfix(short, refresh=False)
+            if short:
+                self._postfix = short
+                self._bar.set_postfix(self._postfix, refresh=False)
+
+    def progress_loss(self, loss: torch.Tensor) -> None:
+        """The loss of one step, for the progress output: summed on its device (no host sync per step) and
+        read once per refresh as the mean since the last one."""
+        if self._bar is None and self._plain is None:
+            return
+        loss = loss.detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_n += 1
+
+    def _running_loss(self) -> float | None:
+        if self._loss_sum is None:
+            return None
+        value = float(self._loss_sum) / self._loss_n
+        self._loss_sum, self._loss_n = None, 0
+        return value
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """``image``: (C, H, W) in [-1, 1]."""
@@ -140,6 +166,11 @@ class Logger:
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
+            now = time.perf_counter()
+            if now - self._t_postfix >= 0.5 and self._loss_sum is not None:  # at most two reads a second
+                self._t_postfix = now
+                self._postfix = {**self._postfix, "loss": f"{self._running_loss():.4g}"}
+                self._bar.set_postfix(self._postfix, refresh=False)
             self._bar.update(n)
         elif self._plain is not None:
             self._plain.update(n)

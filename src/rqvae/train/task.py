@@ -15,7 +15,10 @@ The :class:`~rqvae.train.trainer.Trainer` owns the loop; a task owns its models,
 Optional hooks: ``active_optimizers(step)`` (which optimizers step, e.g. the discriminator only after
 ``disc_start``), ``log_extras(means)`` (task metrics at log time), ``extra_state()`` /
 ``load_extra_state(extra, path)`` (checkpoint metadata), ``describe()`` (start-up lines) and
-``validate(step)`` (metrics on held-out data; not used yet).
+``validate(step)`` (metrics on held-out data, called after every step; a task returns ``val/*`` metrics at
+its validation steps and None otherwise). A task that sets ``val_metric`` (lower is better) gets the best
+model tracking and early stopping of :mod:`rqvae.train.validation`; ``save_final(run_dir, name)`` then
+writes ``RUN/model-last`` (final) and ``RUN/model`` (best).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from rqvae.errors import UserError
 class TrainerConfig:
     """Options of the training loop, shared by every training command (tasks may change defaults)."""
 
-    run_dir: str = option(help="run folder: checkpoints/, model/, samples/, metrics.jsonl, tb/", flag="--out")
+    run_dir: str = option(help="run folder: checkpoints/, model/ (with validation: the best model, and "
+                               "model-last/ the final one), samples/, metrics.jsonl, tb/", flag="--out")
     steps: int = option(1000, "optimizer steps in total (a resumed run continues up to this)")
     stop_after: int | None = option(None, "end this invocation after this step with a checkpoint "
                                           "(continue with --resume)")
@@ -54,7 +58,9 @@ class TrainerConfig:
     log_every: int = option(50, "steps between metrics lines")
     sample_every: int = option(500, "steps between sample grids (0: only at the end)")
     seed: int = option(0, "random seed")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    resume: bool = option(False, "continue the interrupted run in --out from its latest checkpoint (weights, "
+                                 "optimizer, schedule, data position); to start a new run from a trained "
+                                 "model use --init-from where the command has it")
     max_nonfinite: int = option(5, "stop after this many NaN/Inf steps in a row")
     device: str | None = option(None, "default: CUDA if available", choices=("cpu", "cuda"))
     progress: bool = option(True, "progress output (a bar on a terminal, a line every 30 s otherwise)")
@@ -96,6 +102,7 @@ class TrainTask:
     modules: dict[str, nn.Module]  # everything checkpointed whose buffers a step may change
     optimizers: dict[str, torch.optim.Optimizer]  # the first one is the main one (lr, grad_norm)
     schedulers: dict[str, Any]
+    val_metric: str | None = None  # the validation metric to keep the best model by (lower is better)
 
     def prepare(self, info: DistInfo) -> None:
         """Build the data (before the models; a user's mistake raises UserError here)."""
@@ -138,5 +145,5 @@ class TrainTask:
     def describe(self, world_size: int) -> list[str]:
         return []
 
-    def save_final(self, run_dir: Path | None) -> None:
-        pass
+    def save_final(self, run_dir: Path | None, name: str = "model") -> None:
+        """Write the model to ``run_dir / name``."""

@@ -10,13 +10,22 @@ so an interrupted and resumed single-process CPU run is bitwise identical to an 
 
 Ctrl-C or SIGTERM: the step in progress is rolled back (buffers, RNG), a checkpoint of the last completed
 step is written atomically, the logs are closed and the KeyboardInterrupt goes on (``--resume`` continues).
+A run that fails before its first step removes the run folder it created.
+
+Validation (a task with a ``val_metric``, see :mod:`rqvae.train.validation`): the task's ``validate`` hook
+runs on the weights that would be saved (the EMA weights with ``--ema``); the best model so far is kept
+(and checkpointed, so resume stays exact); ``RUN/model/`` is the best model and ``RUN/model-last/`` the
+final one; ``--early-stop P`` ends the run after P validations in a row without improvement.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -36,6 +45,7 @@ from rqvae.train.guard import NonFiniteGuard
 from rqvae.train.logger import Logger
 from rqvae.train.optim import clip_grad_norm
 from rqvae.train.task import TrainerConfig, TrainTask
+from rqvae.train.validation import BestTracker
 
 log = logging.getLogger("rqvae.train.trainer")
 
@@ -102,10 +112,15 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.max_nonfinite)
         self.logger: Logger | None = None
         self._rollback: tuple[dict, tuple[Any, ...]] | None = None  # set while a step is in progress
+        self.tracker: BestTracker | None = None  # validation: the best value so far
+        self.best: torch.nn.Module | None = None  # validation: the best model so far
 
     def train(self) -> torch.nn.Module:
         """Set up (or resume), loop to ``stop_after`` / ``steps``, save the final model; always closes the
         logs. A KeyboardInterrupt (Ctrl-C, SIGTERM) saves the last completed step first."""
+        main = os.environ.get("RANK", "0") == "0"  # torchrun's rank: the process group is not up yet
+        created = main and self.run_dir is not None and not self.run_dir.exists()
+        done = False
         try:
             with _sigterm_as_interrupt():
                 self._setup()
@@ -113,12 +128,15 @@ class Trainer:
                     parts = self._optimizer_step()
                     self._after_step(parts)
                 self._finish()
+                done = True
         except KeyboardInterrupt:
             self._save_on_interrupt()
             raise
         finally:
             if self.logger is not None:
                 self.logger.close()
+            if created and not done and self.step == 0 and self.run_dir.is_dir():
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing of value: all of it is this run's
         return self.task.model
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -149,11 +167,19 @@ class Trainer:
         self.modules = dict(task.modules)
         if cfg.ema_decay is not None:
             self.ema = self.modules["ema"] = ModelEMA(task.model, cfg.ema_decay)
+        if task.val_metric is not None:
+            self.tracker = BestTracker(task.val_metric, getattr(cfg, "early_stop", None))
+            self.best = copy.deepcopy(dist.unwrap(task.model)).eval().requires_grad_(False)
+            self.modules["best"] = self.best
         if latest is not None:
             extra = load_checkpoint(latest, self.modules, task.optimizers, task.schedulers)
             task.load_extra_state(extra, latest)
             self.step = self.start_step = int(extra["step"])
             self.guard.load_state_dict(extra.get("nonfinite", {}))
+            if self.tracker is not None and "best" in extra:
+                self.tracker.load_state_dict(extra["best"])
+                if self.tracker.should_stop:  # the run had stopped early: only the final models are left
+                    self.end = self.step
         if info.rank > 0:  # the checkpoint holds rank 0's RNG state; other ranks get their own streams
             torch.manual_seed(cfg.seed * 1000 + info.rank + self.step)
         self.logger = Logger(self.run_dir, cfg.steps, start_step=self.step, enabled=info.is_main,
@@ -222,11 +248,11 @@ class Trainer:
             w["ok"] += 1
             for k, v in parts.items():
                 w["sums"][k] = w["sums"].get(k, 0.0) + v
+        if parts is not None and "loss/total" in parts:
+            self.logger.progress_loss(parts["loss/total"])
         if step % cfg.log_every == 0 or step == self.end:
             self._log()
-        metrics = self.task.validate(step)
-        if metrics:
-            self.logger.scalars(step, metrics)
+        self._validate(step)
         if (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps:
             self._sample()
         if self._checkpoints_on() and (step % cfg.checkpoint_every == 0 or step == self.end):
@@ -247,6 +273,29 @@ class Trainer:
         self.logger.scalars(self.step, means)
         self._window = {"sums": {}, "ok": 0, "steps": 0, "t": now}
 
+    def _validate(self, step: int) -> None:
+        """The task's held-out metrics (on the weights that would be saved), the best model, early stop."""
+        task, tracker = self.task, self.tracker
+        swap = self.ema.swap_in(task.model) if self.ema is not None and tracker is not None \
+            else contextlib.nullcontext()
+        with swap, torch.random.fork_rng(devices=[]):  # validation draws nothing from the training RNG
+            metrics = task.validate(step)
+            improved = bool(metrics) and tracker is not None and tracker.update(step, metrics)
+            if improved:
+                self.best.load_state_dict(dist.unwrap(task.model).state_dict())
+        if not metrics:
+            return
+        self.logger.scalars(step, metrics)
+        if tracker is None or tracker.metric not in metrics:
+            return
+        note = "best so far" if improved else f"best {tracker.best:.5g} at step {tracker.best_step}"
+        value = metrics[tracker.metric]
+        self.logger.info(f"validation at step {step}: {tracker.metric} {value:.5g} ({note})")
+        if tracker.should_stop and self.step < self.end:
+            self.logger.info(f"early stop at step {step}: {tracker.metric} did not improve in "
+                             f"{tracker.patience} validations (best at step {tracker.best_step})")
+            self.end = self.step
+
     def _sample(self) -> None:
         if not self.info.is_main:
             return
@@ -263,6 +312,8 @@ class Trainer:
     def _save(self) -> None:
         if self.info.is_main:
             extra = {**self.task.extra_state(), "step": self.step, "nonfinite": self.guard.state_dict()}
+            if self.tracker is not None:
+                extra["best"] = self.tracker.state_dict()
             save_checkpoint(self.run_dir, self.step, self.modules, self.task.optimizers, self.task.schedulers,
                             extra, keep_last=self.cfg.keep_last)
 
@@ -282,12 +333,24 @@ class Trainer:
                          "continue with --resume")
 
     def _finish(self) -> None:
-        if self.step < self.cfg.steps:  # stopped early by stop_after: the checkpoint is the result
+        tracker, task = self.tracker, self.task
+        stopped_early = tracker is not None and tracker.should_stop
+        if self.step < self.cfg.steps and not stopped_early:  # stop_after: the checkpoint is the result
             self.logger.info(f"stopped at step {self.step} of {self.cfg.steps}; continue with --resume")
             return
-        dist.check_same_across_ranks(self.task.model, self.task.name)  # weights and buffers agree
+        dist.check_same_across_ranks(task.model, task.name)  # weights and buffers agree
         if self.ema is not None:
-            self.ema.copy_to(self.task.model)
-        if self.info.is_main:
-            self.task.save_final(self.run_dir)
+            self.ema.copy_to(task.model)
+        if tracker is None:
+            if self.info.is_main:
+                task.save_final(self.run_dir)
+        else:  # model-last/: the final weights; model/: the best on the validation data
+            if self.info.is_main:
+                task.save_final(self.run_dir, "model-last")
+            if tracker.best_step >= 0:
+                dist.unwrap(task.model).load_state_dict(self.best.state_dict())
+            if self.info.is_main:
+                task.save_final(self.run_dir, "model")
+                self.logger.info(f"model/: the best model on the validation data (step {tracker.best_step}, "
+                                 f"{tracker.metric} {tracker.best:.5g}); model-last/: step {self.step}")
         dist.barrier()

@@ -15,12 +15,18 @@ checkpoints, logs, DDP) is :class:`rqvae.train.trainer.Trainer`'s. Multi-process
 averaged with one all-reduce per model and step, the quantizer all-reduces its EMA statistics itself,
 so every rank holds the same weights and codebook. The discriminator's BatchNorm uses per-rank batch
 statistics on CPU (SyncBatchNorm on CUDA).
+
+Fine-tuning (:mod:`rqvae.train.finetune`): ``--init-from DIR`` starts from a trained RQ-VAE (ours, a run's
+``model/`` or an official checkpoint) with a fresh optimizer and discriminator; ``--freeze encoder`` keeps
+the encoder and quant_conv fixed (left out of the optimizer), ``--freeze codebook`` stops the EMA codebook
+updates and dead-code restarts. Validation (``--val-data`` / ``--val-split``, :mod:`rqvae.train.validation`)
+logs ``val/loss_rec``, ``val/psnr_d1..D`` and ``val/codes_used_d1..D``; ``RUN/model/`` is then the model
+with the lowest ``val/loss_rec`` and ``RUN/model-last/`` the final one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +50,40 @@ from rqvae.models.discriminator import (
     maybe_sync_batchnorm,
 )
 from rqvae.models.vae import RQVAE, VAE_PRESETS, RQVAEConfig
+from rqvae.train.finetune import (
+    INIT_HELP,
+    VAE_TRAINING_FIELDS,
+    codebook_mode,
+    freeze_vae,
+    load_init_vae,
+    parse_freeze,
+    with_architecture_of,
+)
 from rqvae.train.optim import build_optimizer, build_scheduler
 from rqvae.train.precision import autocast
 from rqvae.train.task import TrainerConfig, TrainTask, config_json
 from rqvae.train.trainer import Trainer
+from rqvae.train.val_metrics import psnr_from_mse, vae_metrics
+from rqvae.train.validation import ValidationConfig, image_batches, split_for_validation, val_split_name
 
 # Default learning rates: the official 4e-5 for the paper-sized models; the small CPU presets get a
 # larger step so that they train in minutes (fmnist32: docs/results-rqvae-fmnist.md; tiny: the tests).
 DEFAULT_LR = {"imagenet256-8x8x4": 4e-5, "ffhq256-8x8x4": 4e-5, "fmnist32-8x8x4": 4e-4, "tiny": 1e-3}
 OFFICIAL_LR = 4e-5
+DEFAULT_PRESET = "fmnist32-8x8x4"
+
+__all__ = ["TrainVAEConfig", "VAETask", "psnr_from_mse", "train_vae"]
 
 
 @dataclass(kw_only=True)
-class TrainVAEConfig(TrainerConfig):
+class TrainVAEConfig(TrainerConfig, ValidationConfig):
     data: str = option(help="image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'")
-    preset: str | None = option("fmnist32-8x8x4", f"model preset: {', '.join(VAE_PRESETS)}")
+    init_from: str | None = option(None, INIT_HELP, metavar="DIR")
+    freeze: str | None = option(None, "parts kept fixed, comma-separated: encoder (encoder + quant_conv "
+                                      "weights), codebook (no EMA updates or dead-code restarts)",
+                                metavar="PARTS")
+    preset: str | None = option(None, f"model preset: {', '.join(VAE_PRESETS)} (default: {DEFAULT_PRESET}; "
+                                      "with --init-from: that model's architecture)")
     model: dict[str, Any] = option(factory=dict, flag="--model-config", metavar="JSON",
                                    help="JSON file (or inline JSON object) of RQVAEConfig fields over the "
                                         "preset")
@@ -80,13 +105,12 @@ class TrainVAEConfig(TrainerConfig):
     lpips_heads: str | None = option(None, "local LPIPS linear heads (the lpips package's vgg.pth)")
     num_workers: int = option(0, "data-loading processes")
 
-    def model_config(self) -> RQVAEConfig:
-        if self.preset is not None:
-            if self.preset not in VAE_PRESETS:
-                raise UserError(f"unknown RQ-VAE preset {self.preset!r}; choose one of {sorted(VAE_PRESETS)}")
-            fields = {**VAE_PRESETS[self.preset], **self.model}
-        else:
-            fields = dict(self.model)
+    def requested_fields(self, default_preset: str | None = DEFAULT_PRESET) -> dict[str, Any]:
+        """The model config fields that --preset, --model-config, --image-size and --channels ask for."""
+        preset = self.preset or default_preset
+        if preset is not None and preset not in VAE_PRESETS:
+            raise UserError(f"unknown RQ-VAE preset {preset!r}; choose one of {sorted(VAE_PRESETS)}")
+        fields = {**(VAE_PRESETS[preset] if preset else {}), **self.model}
         known = {f.name for f in dataclasses.fields(RQVAEConfig)}
         unknown = sorted(set(fields) - known)
         if unknown:
@@ -95,12 +119,17 @@ class TrainVAEConfig(TrainerConfig):
             fields["image_size"] = self.image_size
         if self.channels is not None:
             fields["in_channels"] = self.channels
-        return RQVAEConfig(**fields)
+        return fields
+
+    def model_config(self) -> RQVAEConfig:
+        """The model config of a run from scratch."""
+        return RQVAEConfig(**self.requested_fields())
 
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return DEFAULT_LR.get(self.preset or "", OFFICIAL_LR)
+        preset = self.preset or ("" if self.init_from else DEFAULT_PRESET)
+        return DEFAULT_LR.get(preset, OFFICIAL_LR)
 
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 20)
@@ -117,12 +146,11 @@ class TrainVAEConfig(TrainerConfig):
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        self.model_config()  # an unknown preset or model field fails here, before any data is read
+        self.check_validation()
+        parse_freeze(self.freeze or "")
+        # an unknown preset or model field fails here, before any data is read
+        self.requested_fields(None if self.init_from else DEFAULT_PRESET)
 
-
-def psnr_from_mse(mse: float) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2): 10 log10(2^2 / MSE)."""
-    return 10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf")
 
 
 class VAETask(TrainTask):
@@ -132,13 +160,21 @@ class VAETask(TrainTask):
 
     def __init__(self, cfg: TrainVAEConfig, dataset: Any = None) -> None:
         self.cfg, self.dataset = cfg, dataset
-        self.model_cfg = cfg.model_config()
+        self.model_cfg = None if cfg.init_from else cfg.model_config()
+        self.init_model: RQVAE | None = None
+        self.frozen = parse_freeze(cfg.freeze or "")
         self.lpips = None
+        self.val_dataset: Any = None
 
     def prepare(self, info: DistInfo) -> None:
 
-        cfg, mc = self.cfg, self.model_cfg
+        cfg = self.cfg
         self.info, self.device = info, info.device
+        if cfg.init_from:  # the architecture is the --init-from model's
+            self.init_model = load_init_vae(cfg.init_from)
+            self.model_cfg = with_architecture_of(self.init_model.config, cfg.requested_fields(None),
+                                                  source=cfg.init_from, training_fields=VAE_TRAINING_FIELDS)
+        mc = self.model_cfg
         if cfg.lpips_vgg is not None and cfg.perceptual_weight > 0:
             from rqvae.models.lpips import LPIPS  # VGG16: only when its weights are given
 
@@ -147,10 +183,26 @@ class VAETask(TrainTask):
             self.dataset = build_image_dataset(cfg.data, mc.image_size, mc.in_channels, split="train",
                                                augment=cfg.augment)
         self.skipped = list(getattr(self.dataset, "skipped", []))
+        self._prepare_validation(mc)
+
+    def _prepare_validation(self, mc: RQVAEConfig) -> None:
+        cfg = self.cfg
+        if cfg.val_split > 0:
+            plain = build_image_dataset(cfg.data, mc.image_size, mc.in_channels, split="train") \
+                if cfg.augment and getattr(self.dataset, "augment", False) else None  # held out unaugmented
+            self.dataset, self.val_dataset = split_for_validation(self.dataset, cfg.val_split, cfg.seed,
+                                                                  plain)
+        elif cfg.val_data is not None:
+            self.val_dataset = build_image_dataset(cfg.val_data, mc.image_size, mc.in_channels,
+                                                   split=val_split_name(cfg.val_data))
+        self.val_metric = "val/loss_rec" if self.val_dataset is not None else None
 
     def build(self, info: DistInfo) -> None:
         cfg, mc, device = self.cfg, self.model_cfg, info.device
         self.model = vae = RQVAE(mc).to(device)
+        if self.init_model is not None:
+            vae.load_state_dict(self.init_model.state_dict())
+        freeze_vae(vae, self.frozen)  # before the optimizer: frozen parameters are left out of it
         disc = PatchDiscriminator(DiscriminatorConfig(in_channels=mc.in_channels, ndf=cfg.disc_ndf,
                                                       n_layers=cfg.disc_layers)).to(device)
         self.disc = disc = maybe_sync_batchnorm(disc, device)
@@ -183,6 +235,7 @@ class VAETask(TrainTask):
     def train_step(self, batch: Any, *, step: int, micro: int, scale: float) -> dict[str, torch.Tensor]:
         cfg, device, vae, disc = self.cfg, self.device, self.model, self.disc
         x = batch["image"].to(device, non_blocking=True)  # (B, C, S, S) in [-1, 1]
+        codebook_mode(vae, self.frozen)
         with autocast(device, cfg.bf16):
             out = vae(x)
         rec = out.reconstruction.float()  # (B, C, S, S)
@@ -226,6 +279,12 @@ class VAETask(TrainTask):
         extras["codes/dead"] = sum(usage.dead)
         return extras
 
+    def validate(self, step: int) -> dict[str, float] | None:
+        cfg = self.cfg
+        if self.val_dataset is None or not cfg.is_validation_step(step, cfg.steps):
+            return None
+        return vae_metrics(self.model, image_batches(self.val_dataset, cfg.batch_size), self.device)
+
     def sample(self, step: int) -> torch.Tensor | None:
         """Rows: originals, then reconstructions from the first d = 1..D codes (paper Fig. 5)."""
 
@@ -236,10 +295,12 @@ class VAETask(TrainTask):
 
     def describe(self, world_size: int) -> list[str]:
         cfg, lines = self.cfg, []
-        if self.skipped:
-            shown = ", ".join(f"{p} ({r})" for p, r in self.skipped[:5])
-            lines.append(f"data: skipped {len(self.skipped)} unreadable files: {shown}"
-                         f"{' ...' if len(self.skipped) > 5 else ''}")
+        if cfg.init_from:
+            lines.append(f"fine-tuning from {cfg.init_from} (its weights, a fresh optimizer and "
+                         f"discriminator){'; frozen: ' + ', '.join(self.frozen) if self.frozen else ''}")
+        if self.val_dataset is not None:
+            lines.append(f"validation: {len(self.val_dataset)} images every "
+                         f"{cfg.validation_interval(cfg.steps)} steps")
         if cfg.lpips_vgg is None and cfg.perceptual_weight > 0:
             lines.append("no LPIPS weights given (--lpips-vgg, --lpips-heads): training without the "
                          "perceptual loss")
@@ -249,9 +310,9 @@ class VAETask(TrainTask):
                      f"x accum {cfg.grad_accum}")
         return lines
 
-    def save_final(self, run_dir: Path | None) -> None:
+    def save_final(self, run_dir: Path | None, name: str = "model") -> None:
         if run_dir is not None:
-            self.model.save_pretrained(run_dir / "model")
+            self.model.save_pretrained(run_dir / name)
 
 
 def train_vae(cfg: TrainVAEConfig, dataset: Any = None) -> RQVAE:
