@@ -86,11 +86,16 @@ def test_encode_decode_roundtrip(setup, tmp_path, capsys):
 
 def test_reconstruct_grid(setup, tmp_path, capsys):
     fig = tmp_path / "fig.png"
-    text = run_ok(["reconstruct", setup / "imgs", "--model", setup / "model", "--depths", "1,2", "-o", fig],
-                  capsys)
+    text = run_ok(["reconstruct", setup / "imgs", "--model", setup / "model", "--depths", "1,2", "-o", fig,
+                   "--no-labels"], capsys)
     assert "depth 1: PSNR" in text and "depth 2: PSNR" in text
     # 3 rows x (original + 2 depths), 16 px cells and 2 px padding
     assert Image.open(fig).size == (3 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
+    labelled = tmp_path / "labelled.png"
+    run_ok(["reconstruct", setup / "imgs", "--model", setup / "model", "--depths", "1,2", "-o", labelled],
+           capsys)
+    w, h = Image.open(labelled).size  # + a header row and file names (cells enlarged 2x for "input")
+    assert w > 2 * (3 * (SIZE + 2) + 2) and h > 2 * (3 * (SIZE + 2) + 2)
     grid = np.asarray(Image.open(fig).convert("RGB")).astype(np.float32)
     original = (load_images([setup / "imgs" / "a.png"], 3, SIZE)[0] + 1) * 127.5
     assert np.abs(grid[2:2 + SIZE, 2:2 + SIZE] - original.permute(1, 2, 0).numpy()).max() <= 1

@@ -61,12 +61,14 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"{path} is not a model folder: it does not exist; pass a folder with {CONFIG_NAME} "
                         f"and {WEIGHTS_NAME} or a training run holding model/")
     if (path / "checkpoints").is_dir():
-        raise UserError(f"{path} is not a model folder: a training run that has not finished ({path / 'model'} "
-                        "is written when training ends; its checkpoints/ hold the state: resume to finish)")
+        raise UserError(f"{path} is not a model folder: a training run that has not finished "
+                        f"({path / 'model'} is written when training ends; checkpoints/ hold the state: "
+                        "resume to finish)")
     if (path.parent / "model" / CONFIG_NAME).is_file():
         raise UserError(f"{path} is not a model folder; did you mean {path.parent / 'model'}?")
-    raise UserError(f"{path} is not a model folder: no {CONFIG_NAME} in it or in {path / 'model'}; expected "
-                    f"a folder with {CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained or a training run)")
+    raise UserError(f"{path} is not a model folder: {path / CONFIG_NAME} is missing (and {path / 'model'} "
+                    f"holds none); expected {CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained or a training "
+                    "run)")
 
 
 def weights_sha256(model_dir: str | os.PathLike) -> str:
