@@ -31,6 +31,9 @@ VARIANTS = {
     "no-cumsum": dict(code_shape=(2, 2, 3), cumsum_depth=False),  # D 3: E_{t,1} != e(S_{t,1})
     "per-depth-head": dict(per_depth_head=True),
     "per-depth-codebooks": dict(per_depth_codebooks=True),
+    "learned-emb": dict(code_shape=(2, 2, 3), input_emb="learned", depth_emb="learned"),
+    "learned-input": dict(input_emb="learned", per_depth_tok_emb=True, cumsum_depth=False),
+    "learned-depth": dict(code_shape=(2, 2, 3), depth_emb="learned", per_depth_tok_emb=True),
     "all": dict(code_shape=(3, 3, 3), n_depth_heads=1, attn_bias=False, mlp_bias=False, gelu="sigmoid",
                 cumsum_depth=False, per_depth_head=True, per_depth_codebooks=True),
 }

@@ -29,6 +29,14 @@ OPTIONS = {
                   shared_codebook=True, scaled_head_emb_vqvae=True, use_padding_emb=True),
     "exact-per-depth-cls": dict(body_heads=4, head_heads=4, bias=True, gelu="v1", cumsum=True,
                                 shared_cls=False, shared_codebook=True),
+    # learned code embeddings (tok_emb) instead of the RQ-VAE codebook, on one side or both
+    "learned-per-depth": dict(body_heads=4, head_heads=2, bias=True, gelu="v1", cumsum=True, shared_cls=True,
+                              shared_codebook=True, input_vqvae=False, head_vqvae=False, shared_tok=False),
+    "learned-input-shared": dict(body_heads=4, head_heads=4, bias=False, gelu="v2", cumsum=True,
+                                 shared_cls=True, shared_codebook=False, input_vqvae=False, shared_tok=True),
+    "learned-head-per-depth": dict(body_heads=2, head_heads=2, bias=True, gelu="v1", cumsum=True,
+                                   shared_cls=False, shared_codebook=True, head_vqvae=False,
+                                   shared_tok=False),
 }
 
 
@@ -37,8 +45,9 @@ def official_arch(o: dict) -> dict:
         return {"n_layer": n_layer, "block": {"embed_dim": C, "n_head": heads, "mlp_bias": o["bias"],
                                               "attn_bias": o["bias"], "gelu": o["gelu"]}}
     return {"type": "rq-transformer", "vocab_size": K, "block_size": [H, W, D], "vocab_size_cond": 5,
-            "block_size_cond": L, "embed_dim": C, "input_embed_dim": NZ, "input_emb_vqvae": True,
-            "head_emb_vqvae": True, "cumsum_depth_ctx": o["cumsum"], "shared_tok_emb": False,
+            "block_size_cond": L, "embed_dim": C, "input_embed_dim": NZ,
+            "input_emb_vqvae": o.get("input_vqvae", True), "head_emb_vqvae": o.get("head_vqvae", True),
+            "cumsum_depth_ctx": o["cumsum"], "shared_tok_emb": o.get("shared_tok", False),
             "shared_cls_emb": o["shared_cls"], "body": stack(2, o["body_heads"]),
             "head": stack(2, o["head_heads"]),
             **{k: o[k] for k in ("scaled_head_emb_vqvae", "use_padding_emb") if k in o}}
@@ -49,9 +58,15 @@ def official_state(o: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=g) * 0.3
 
     sd = {"pos_emb_cond": r(1, L, C), "pos_emb_hw": r(1, H * W, C), "pos_emb_d": r(1, D, C),
-          "cond_emb.weight": r(5, C), "input_mlp.weight": r(C, NZ), "input_mlp.bias": r(C),
-          "head_mlp.weight": r(C, NZ), "head_mlp.bias": r(C), "classifier.layer_norm.weight": 1 + r(C),
+          "cond_emb.weight": r(5, C), "classifier.layer_norm.weight": 1 + r(C),
           "classifier.layer_norm.bias": r(C)}
+    for side, mlp in (("input_vqvae", "input_mlp"), ("head_vqvae", "head_mlp")):
+        if o.get(side, True):
+            sd.update({f"{mlp}.weight": r(C, NZ), f"{mlp}.bias": r(C)})
+    if not (o.get("input_vqvae", True) and o.get("head_vqvae", True)):  # nn.Embedding or TupleEmbedding
+        sd["tok_emb.weight"] = r(K if o["shared_tok"] else D * K, C)
+        if not o["shared_tok"]:
+            sd["tok_emb.offsets"] = torch.arange(D) * K
     if o["shared_cls"]:
         sd.update({"classifier.linear.weight": r(K, C), "classifier.linear.bias": r(K)})
     else:  # BatchLinear: weight (D, in, out), bias (D, out)
@@ -88,16 +103,27 @@ def block(x, sd, p, heads, gelu):
     return x + linear(m, sd, p + "mlp.2")
 
 
+def tok_emb(o, sd, xs):
+    """The official tok_emb: one table (nn.Embedding) or a TupleEmbedding (index + offset of the depth)."""
+    return sd["tok_emb.weight"][xs if o["shared_tok"] else xs + sd["tok_emb.offsets"]]
+
+
 def official_logits(o, sd, books, codes, cond):
     """books (D, K, n_z): depth d's codes embed with books[d] (all equal for a shared codebook)."""
     gelu = o["gelu"]
     xs = codes.view(B, H * W, D)
-    emb = torch.stack([books[d][xs[..., d]] for d in range(D)], dim=2)  # (B, T, D, n_z)
+    emb = None  # (B, T, D, n_z); no codebook for learned embeddings on both sides
+    if books is not None:
+        emb = torch.stack([books[d][xs[..., d]] for d in range(D)], dim=2)
+    x_in = linear(emb, sd, "input_mlp") if o.get("input_vqvae", True) else tok_emb(o, sd, xs)
     x = torch.cat([sd["cond_emb.weight"][cond][:, None] + sd["pos_emb_cond"],
-                   (linear(emb, sd, "input_mlp").sum(2) + sd["pos_emb_hw"])[:, :-1]], dim=1)
+                   (x_in.sum(2) + sd["pos_emb_hw"])[:, :-1]], dim=1)
     for i in range(2):
         x = block(x, sd, f"body_transformer.blocks.{i}.", o["body_heads"], gelu)
-    ctx = linear(emb.cumsum(2) if o["cumsum"] else emb, sd, "head_mlp")  # (B, T, D, C)
+    if o.get("head_vqvae", True):
+        ctx = linear(emb.cumsum(2) if o["cumsum"] else emb, sd, "head_mlp")  # (B, T, D, C)
+    else:
+        ctx = tok_emb(o, sd, xs)  # no cumulative sum over learned embeddings
     v = (torch.cat([x[:, L - 1:, None], ctx[:, :, :-1]], dim=2) + sd["pos_emb_d"]).view(B * H * W, D, C)
     for i in range(2):
         v = block(v, sd, f"head_transformer.blocks.{i}.", o["head_heads"], gelu)
@@ -116,8 +142,9 @@ def test_converted_forward_equals_the_official_computation(name):
     books = torch.randn(D, K + 1, NZ, generator=g)  # official layout: K codes + 1 padding row per depth
     if o["shared_codebook"]:
         books[:] = books[0].clone()
-    model = convert_official_rqtransformer(sd, official_arch(o), books)
-    assert model.config.per_depth_codebooks == (not o["shared_codebook"])
+    uses_books = o.get("input_vqvae", True) or o.get("head_vqvae", True)
+    model = convert_official_rqtransformer(sd, official_arch(o), books if uses_books else None)
+    assert model.config.per_depth_codebooks == (uses_books and not o["shared_codebook"])
     codes = torch.randint(0, K, (B, H, W, D), generator=g)
     cond = torch.tensor([1, 4])
     with torch.no_grad():
@@ -156,3 +183,21 @@ def test_rqvae_with_a_codebook_per_depth_converts_both_stages(tmp_path):
     # sees books 1..d-1, which differ
     torch.testing.assert_close(a[:, 0, :2], b[:, 0, :2])
     assert (a[:, 0, 2:] - b[:, 0, 2:]).abs().amax(-1).gt(1e-4).all()
+
+
+def test_learned_embeddings_convert_without_an_rqvae(tmp_path):
+    """input_emb_vqvae and head_emb_vqvae false: the official model never reads a codebook, so no --vae."""
+    o = OPTIONS["learned-per-depth"]
+    src = tmp_path / "official"
+    src.mkdir()
+    sd = official_state(o, torch.Generator().manual_seed(5))
+    torch.save({"epoch": 0, "state_dict": sd}, src / "model.pt")
+    (src / "config.yaml").write_text(yaml.safe_dump({"arch": official_arch(o)}))
+    convert_official(src, tmp_path / "ar")
+    model = RQTransformer.from_pretrained(tmp_path / "ar").eval()
+    assert (model.config.input_emb, model.config.depth_emb, model.config.per_depth_tok_emb) == (
+        "learned", "learned", True)
+    codes = torch.randint(0, K, (B, H, W, D), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = official_logits(o, sd, None, codes, torch.tensor([0, 3]))
+        torch.testing.assert_close(model(codes, torch.tensor([0, 3])), want, atol=1e-5, rtol=1e-5)

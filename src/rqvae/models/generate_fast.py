@@ -127,6 +127,21 @@ class _BlockWeights:
         return x + self.fc2(self.fc1(hid)).float()
 
 
+def _code_table(model: nn.Module, kind: str, mlp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias (C,), table (D, K, C)) with the embedding of code k at depth d = bias + table[d, k]: for
+    "codebook", ``mlp``(e_d(k)) (e_d: the codebook of depth d, the same for every d unless
+    per_depth_codebooks); for "learned", the tok_emb rows of depth d and a zero bias."""
+    c = model.config
+    D, K = c.depth, c.vocab_size
+    if kind == "learned":
+        rows = model.tok_emb.weight  # (K, C) or (D * K, C)
+        table = rows.view(D, K, -1) if c.per_depth_tok_emb else rows.expand(D, -1, -1)
+        return rows.new_zeros(rows.shape[1]), table
+    books = model.codebook if c.per_depth_codebooks else model.codebook.expand(D, -1, -1)  # (D, K, n_z)
+    layer = getattr(model, mlp)
+    return layer.bias, books @ layer.weight.t()  # fp32
+
+
 class FastSampler:
     """The packed weights and static caches of one ``generate`` call on ``rows`` sequences (Bx)."""
 
@@ -136,18 +151,15 @@ class FastSampler:
         H, W, D = c.code_shape
         self.spatial = [_BlockWeights.pack(b, c.n_heads, dt, rows) for b in model.spatial_blocks]
         self.depth = [_BlockWeights.pack(b, c.depth_heads, dt, rows) for b in model.depth_blocks]
-        # per depth d, (K, C) fp32: input_mlp(e_d(k)) - bias and head_mlp(e_d(k)) - bias, where e_d is the
-        # codebook of depth d (the same one for every d unless per_depth_codebooks)
-        books = model.codebook if c.per_depth_codebooks else model.codebook.expand(D, -1, -1)  # (D, K, n_z)
-        self.input_table = books @ model.input_mlp.weight.t()  # (D, K, C)
-        self.head_table = books @ model.head_mlp.weight.t()  # (D, K, C)
-        self.head_bias = model.head_mlp.bias
+        input_bias, self.input_table = _code_table(model, c.input_emb, "input_mlp")  # (C,), (D, K, C)
+        self.head_bias, self.head_table = _code_table(model, c.depth_emb, "head_mlp")
+        self.cumulative = c.depth_emb == "codebook" and c.cumsum_depth  # head_mlp of the sum: sum the rows
         self.head_ln_w, self.head_ln_b = model.head.ln.weight, model.head.ln.bias
         lin = model.head.linear
         self.heads = ([_Linear(lin.weight[d], lin.bias[d], dt, rows) for d in range(D)] if c.per_depth_head
                       else [_Linear(lin.weight, lin.bias, dt, rows)] * D)  # the output Linear of each depth
         # image-slot inputs before the code rows: PE_T(t) + D * input_mlp.bias (the bias counts D times)
-        self.pos_spatial = model.pos_spatial + model.input_mlp.bias * c.depth  # (T, C)
+        self.pos_spatial = model.pos_spatial + input_bias * c.depth  # (T, C)
         self.pos_depth = model.pos_depth  # (D, C)
         device = model.codebook.device
         self.s_kv = torch.empty(len(self.spatial), rows * c.n_heads, c.cond_len + H * W - 1, 2,
@@ -177,8 +189,8 @@ class FastSampler:
             codes[:, d] = code
             img_in = img_in + F.embedding(code, self.input_table[d])  # (Bx, C)
             if d + 1 < D:
-                row = F.embedding(code, self.head_table[d])  # head_mlp(e_d(S_{t,d})) - bias
-                cum = cum + row if self.config.cumsum_depth else self.head_bias + row
+                row = F.embedding(code, self.head_table[d])  # e.g. head_mlp(e_d(S_{t,d})) - bias
+                cum = cum + row if self.cumulative else self.head_bias + row
                 v = cum + self.pos_depth[d + 1]
         return codes, img_in
 

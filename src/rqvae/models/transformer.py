@@ -83,8 +83,12 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.pos_cond = nn.Parameter(torch.zeros(c.cond_len, c.width))
         self.pos_spatial = nn.Parameter(torch.zeros(H * W, c.width))
         self.pos_depth = nn.Parameter(torch.zeros(D, c.width))
-        self.input_mlp = nn.Linear(c.embed_dim, c.width)  # spatial input: project each depth, then sum
-        self.head_mlp = nn.Linear(c.embed_dim, c.width)  # depth input: cumulative sum, then project
+        if c.input_emb == "codebook":
+            self.input_mlp = nn.Linear(c.embed_dim, c.width)  # spatial input: project each depth, then sum
+        if c.depth_emb == "codebook":
+            self.head_mlp = nn.Linear(c.embed_dim, c.width)  # depth input: cumulative sum, then project
+        if c.learned_tok_emb:  # learned code embeddings, rows d*K..d*K+K-1 for depth d if per depth
+            self.tok_emb = nn.Embedding(c.vocab_size * (D if c.per_depth_tok_emb else 1), c.width)
         self.drop = nn.Dropout(c.dropout)
         kw = dict(attn_bias=c.attn_bias, mlp_bias=c.mlp_bias, gelu=c.gelu)
         self.spatial_blocks = nn.ModuleList(
@@ -186,6 +190,26 @@ class RQTransformer(PretrainedMixin, nn.Module):
             return self.codebook[torch.arange(codes.shape[-1], device=codes.device), codes]
         return F.embedding(codes, self.codebook)
 
+    def _tok_emb(self, codes: torch.Tensor) -> torch.Tensor:
+        """Learned embeddings of codes (..., d) of depths 0..d-1 -> (..., d, C)."""
+        if self.config.per_depth_tok_emb:
+            codes = codes + self.config.vocab_size * torch.arange(codes.shape[-1], device=codes.device)
+        return self.tok_emb(codes)
+
+    def input_embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Spatial-input terms of codes (..., d) -> (..., d, C), to be summed over depth."""
+        if self.config.input_emb == "learned":
+            return self._tok_emb(codes)
+        return self.input_mlp(self.embed_codes(codes))
+
+    def depth_embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Depth-input terms (..., d) -> (..., d, C): the entry d feeds depth slot d + 1 (head_mlp(E_{t,d}),
+        head_mlp(e(S_{t,d})) without cumsum_depth, or the learned embedding of S_{t,d})."""
+        if self.config.depth_emb == "learned":
+            return self._tok_emb(codes)
+        emb = self.embed_codes(codes)
+        return self.head_mlp(emb.cumsum(dim=-2) if self.config.cumsum_depth else emb)
+
     def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None,
                 return_cond_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits.
@@ -208,16 +232,15 @@ class RQTransformer(PretrainedMixin, nn.Module):
             drop = torch.rand(B, 1, device=cond.device) < c.cfg_dropout
             cond = torch.where(drop, torch.full_like(cond, c.null_id), cond)
 
-        emb = self.embed_codes(codes).reshape(B, T, D, -1)  # (B, T, D, n_z)
-        x_img = self.input_mlp(emb).sum(dim=2) + self.pos_spatial  # (B, T, C)
+        codes = codes.reshape(B, T, D)
+        x_img = self.input_embed(codes).sum(dim=2) + self.pos_spatial  # (B, T, C)
         x = torch.cat([self.cond_emb(cond) + self.pos_cond, x_img[:, :-1]], dim=1)  # (B, L+T-1, C)
         x = self.drop(x)
         for blk in self.spatial_blocks:
             x = blk(x)
         h = x[:, L - 1:]  # (B, T, C): h_t predicts position t
 
-        ctx = emb.cumsum(dim=2) if c.cumsum_depth else emb  # E_{t,d} or e(S_{t,d})
-        ctx = self.head_mlp(ctx[:, :, :-1])  # (B, T, D-1, C): head_mlp(E_{t,d-1})
+        ctx = self.depth_embed(codes[:, :, :-1])  # (B, T, D-1, C): e.g. head_mlp(E_{t,d-1}) at slot d
         v = torch.cat([h[:, :, None], ctx], dim=2) + self.pos_depth[:D]  # (B, T, D, C)
         v = self.drop(v).reshape(B * T, D, -1)
         for blk in self.depth_blocks:
@@ -294,17 +317,13 @@ class RQTransformer(PretrainedMixin, nn.Module):
         B, D = h.shape[0], self.config.depth
         codes = torch.empty(B, D, dtype=torch.long, device=h.device)
         v = h + self.pos_depth[0]  # (B, C): v_{t,0}
-        cum = torch.zeros(B, self.config.embed_dim, device=h.device)  # E_{t,d}, (B, n_z)
         for d in range(D):
             y = v[:, None]  # (B, 1, C) at depth slot d
             for blk, cache in zip(self.depth_blocks, caches):
                 y = blk(y, cache, d)
             codes[:, d] = sampler.draw(self.head.at_depth(y[:, 0], d), d)  # logits (B, K) -> (B,)
             if d + 1 < D:
-                e = self.codebook[d][codes[:, d]] if self.config.per_depth_codebooks \
-                    else self.codebook[codes[:, d]]  # e(S_{t,d}) (B, n_z)
-                cum = cum + e if self.config.cumsum_depth else e
-                v = self.head_mlp(cum) + self.pos_depth[d + 1]  # (B, C): v_{t,d+1}
+                v = self.depth_embed(codes[:, :d + 1])[:, d] + self.pos_depth[d + 1]  # (B, C): v_{t,d+1}
         return codes
 
     def _generate_reference(self, cond: torch.Tensor, sampler: Sampler, dt: torch.dtype) -> torch.Tensor:
@@ -326,7 +345,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
                 codes = self.decode_one_position(h, depth_caches, sampler)  # (Bx, D)
                 out.append(codes)
                 if t + 1 < T:
-                    x = self.input_mlp(self.embed_codes(codes)).sum(dim=1) + self.pos_spatial[t]  # (Bx, C)
+                    x = self.input_embed(codes).sum(dim=1) + self.pos_spatial[t]  # (Bx, C)
                     h = self.spatial_step(x[:, None], spatial_caches, L + t)[:, 0].float()  # h_{t+1}
         return torch.stack(out, dim=1)  # (Bx, T, D)
 

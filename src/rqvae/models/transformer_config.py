@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rqvae.errors import UserError
 
 COND_TYPES = ("uncond", "class", "text")
+CODE_EMBS = ("codebook", "learned")  # a code's input: a Linear of its RQ-VAE vector | a learned embedding
 GELUS = ("exact", "sigmoid")  # erf GELU | x * sigmoid(1.702 x) (the official code's gelu "v2")
 
 
@@ -35,6 +36,9 @@ class RQTransformerConfig:
     cumsum_depth: bool = True  # depth input d: head_mlp(sum_{d' < d} e(S_d')), else head_mlp(e(S_{d-1}))
     per_depth_head: bool = False  # one output Linear per depth (LayerNorm shared) instead of one for all
     per_depth_codebooks: bool = False  # the RQ-VAE has one codebook per depth: codebook (D, K, n_z)
+    input_emb: str = "codebook"  # spatial input: input_mlp(e(S_{t,d})) | tok_emb(S_{t,d}), summed over d
+    depth_emb: str = "codebook"  # depth input d: head_mlp(...) as cumsum_depth says | tok_emb(S_{t,d-1})
+    per_depth_tok_emb: bool = False  # learned embeddings: one table per depth (else one for all depths)
 
     def __post_init__(self) -> None:
         self.code_shape = tuple(int(s) for s in self.code_shape)  # type: ignore[assignment]
@@ -49,6 +53,9 @@ class RQTransformerConfig:
             raise UserError(f"n_depth_heads must be >= 1 (or None for n_heads), got {self.n_depth_heads}")
         if self.width % self.depth_heads:
             raise UserError(f"width {self.width} is not divisible by n_depth_heads {self.depth_heads}")
+        for name in ("input_emb", "depth_emb"):
+            if getattr(self, name) not in CODE_EMBS:
+                raise UserError(f"{name} must be one of {CODE_EMBS}, got {getattr(self, name)!r}")
         if self.gelu not in GELUS:
             raise UserError(f"gelu must be one of {GELUS}, got {self.gelu!r}")
         if self.cond_type == "class" and self.num_classes < 1:
@@ -86,6 +93,11 @@ class RQTransformerConfig:
         """Shape of the frozen RQ-VAE codebook buffer: (K, n_z), or (D, K, n_z) with per-depth codebooks."""
         K, n_z = self.vocab_size, self.embed_dim
         return (self.depth, K, n_z) if self.per_depth_codebooks else (K, n_z)
+
+    @property
+    def learned_tok_emb(self) -> bool:
+        """Whether the model has learned code embeddings (tok_emb) for its spatial or depth input."""
+        return "learned" in (self.input_emb, self.depth_emb)
 
     @property
     def depth(self) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rqvae.errors import UserError
 from rqvae.official.load import load_official
-from rqvae.official.transformer import convert_official_rqtransformer, load_codebook
+from rqvae.official.transformer import convert_official_rqtransformer, load_codebook, needs_codebook
 from rqvae.official.vae import convert_official_rqvae
 
 
@@ -23,10 +23,11 @@ def convert_official(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, wei
     if kind == "rq-vae":
         model = convert_official_rqvae(state, arch)
     elif kind == "rq-transformer":
-        if vae_dir is None:
+        if vae_dir is None and needs_codebook(arch):
             raise UserError(f"{src_dir} is an RQ-Transformer: pass --vae DIR, its RQ-VAE (official or "
                             "converted), whose codebook embeds the codes")
-        model = convert_official_rqtransformer(state, arch, load_codebook(vae_dir))
+        codebook = load_codebook(vae_dir) if needs_codebook(arch) else None  # learned embeddings need none
+        model = convert_official_rqtransformer(state, arch, codebook)
     else:
         raise UserError(f"arch.type {kind!r} is not supported; expected 'rq-vae' or 'rq-transformer'")
     return model.save_pretrained(dst_dir)

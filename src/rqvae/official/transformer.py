@@ -37,8 +37,6 @@ from rqvae.models.transformer import RQTransformer, RQTransformerConfig
 from rqvae.official.load import check_supported, load_official
 from rqvae.official.vae import load_rqvae
 
-# official arch options and the only values our model implements
-_REQUIRED = {"input_emb_vqvae": True, "head_emb_vqvae": True}
 # options the official model code declares but never reads (any value builds the same network)
 _UNUSED = ("scaled_head_emb_vqvae", "use_padding_emb", "ar_hierarchy")
 _GELU = {"v1": "exact", "v2": "sigmoid"}  # official AttentionBlockConfig.gelu -> ours
@@ -81,6 +79,21 @@ def _cond_options(arch: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> 
     return dict(cond_type="class", num_classes=n_cond, cond_len=cond_len)
 
 
+def _embedding_options(arch: dict[str, Any]) -> dict[str, Any]:
+    """``input_emb_vqvae`` / ``head_emb_vqvae`` false: that side embeds codes with a learned table (tok_emb),
+    one for all depths (``shared_tok_emb``) or one per depth; the depth side then has no cumulative sum."""
+    kinds = {side: "codebook" if arch.get(f"{side}_emb_vqvae", False) else "learned"
+             for side in ("input", "head")}
+    learned = "learned" in kinds.values()
+    return dict(input_emb=kinds["input"], depth_emb=kinds["head"],
+                per_depth_tok_emb=learned and not arch.get("shared_tok_emb", False))
+
+
+def needs_codebook(arch: dict[str, Any]) -> bool:
+    """Whether the official model embeds codes with its RQ-VAE's codebook (on either input side)."""
+    return bool(arch.get("input_emb_vqvae", False) or arch.get("head_emb_vqvae", False))
+
+
 def _vocab_size(arch: dict[str, Any], depth: int) -> int:
     vocab = arch["vocab_size"]
     if isinstance(vocab, (list, tuple)):
@@ -99,16 +112,16 @@ def rqtransformer_config_from_official(arch: dict[str, Any], state_dict: dict[st
     """
     if arch.get("type") != "rq-transformer":
         raise UserError(f"arch.type is {arch.get('type')!r}, not 'rq-transformer'")
-    for k, want in _REQUIRED.items():
-        check_supported(k, arch.get(k, False), want)
     try:
         H, W, D = (int(s) for s in arch["block_size"])
         return RQTransformerConfig(
-            code_shape=(H, W, D), vocab_size=_vocab_size(arch, D), embed_dim=int(arch["input_embed_dim"]),
+            code_shape=(H, W, D), vocab_size=_vocab_size(arch, D),
+            embed_dim=int(arch.get("input_embed_dim") or 1),
             width=int(arch["embed_dim"]), n_spatial_layers=int(arch["body"]["n_layer"]),
             n_depth_layers=int(arch["head"]["n_layer"]), cfg_dropout=0.0,
             cumsum_depth=bool(arch.get("cumsum_depth_ctx", False)),
             per_depth_head=not arch.get("shared_cls_emb", False), per_depth_codebooks=per_depth_codebooks,
+            **_embedding_options(arch),
             **_block_options(arch), **_cond_options(arch, state_dict))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"official rq-transformer config is missing or has a malformed field ({e!r}); "
@@ -133,20 +146,27 @@ def _rename(key: str) -> str:
 
 def convert_official_rqtransformer(state_dict: dict[str, torch.Tensor], arch: dict[str, Any],
                                    codebook: torch.Tensor | None = None) -> RQTransformer:
-    """Official stage-2 state dict + arch + the paired RQ-VAE codebook -> RQTransformer (eval mode).
+    """Official stage-2 state dict + arch + the paired RQ-VAE codebook -> RQTransformer (eval mode). A model
+    with learned code embeddings on both sides (``input_emb_vqvae`` and ``head_emb_vqvae`` false) needs none.
 
     ``codebook``: (K, n_z), the official (K + 1, n_z) tensor whose last row is padding, or our quantizer's
     (n_books, K, n_z) buffer: one codebook per depth when n_books = D and they differ (see
     :func:`load_codebook`).
     """
-    if codebook is None:
+    uses_codebook = needs_codebook(arch)
+    if uses_codebook and codebook is None:
         raise UserError("an official RQ-Transformer embeds codes with its RQ-VAE's codebook, which its "
                         "checkpoint lacks; pass the paired RQ-VAE folder (--vae DIR)")
-    per_depth = _codebooks_differ(codebook)
+    if not uses_codebook:  # learned embeddings on both sides: the official model never reads a codebook
+        arch = {**arch, "input_embed_dim": 1}
+    per_depth = uses_codebook and _codebooks_differ(codebook)
     config = rqtransformer_config_from_official(arch, state_dict, per_depth_codebooks=per_depth)
-    codebook = _as_codebook(codebook, config.vocab_size, config.depth)
+    codebook = _as_codebook(codebook, config.vocab_size, config.depth) if uses_codebook \
+        else torch.zeros(config.codebook_shape)
     state = {}
     for k, v in state_dict.items():
+        if k == "tok_emb.offsets":  # official TupleEmbedding: depth d's rows start at d * K, as ours do
+            continue
         name = _rename(k)
         if name in ("pos_cond", "pos_spatial", "pos_depth"):
             v = v[0]
