@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: the EMA weights when the checkpoint has them; ema / raw: force one")
     parser.add_argument("--vae", metavar="VAE_DIR", default=None,
                         help="for an RQ-Transformer: its RQ-VAE folder (official or converted), whose "
-                             "codebook embeds the codes")
+                             "codebook embeds the codes (not needed when it learned its own code embeddings)")
 
 
 def run(args: argparse.Namespace) -> int:
