@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from rqvae.cli import main
 from rqvae.data import TensorImageDataset
 from rqvae.errors import UserError
+from rqvae.models.transformer import RQTransformer
+from rqvae.models.vae import RQVAE
 from rqvae.official.convert import convert_official
 from rqvae.official.load import load_official
 from rqvae.official.transformer import convert_official_rqtransformer, load_codebook
 from rqvae.official.vae import load_rqvae
-from rqvae.models.transformer import RQTransformer
-from rqvae.models.vae import RQVAE
 from rqvae.train.ar import TrainARConfig, ar_image_loss, train_ar
 from rqvae.train.vae import TrainVAEConfig, train_vae
 from tests.test_train_vae import synthetic_images
@@ -63,8 +63,9 @@ def test_vae_from_our_run_folder_starts_at_the_trained_loss(base_vae, tmp_path):
     ds = TensorImageDataset(images)
     expected = rec_loss(RQVAE.from_pretrained(run / "model"), images)
     train_vae(vae_cfg(tmp_path / "ft", init_from=str(run)), dataset=ds)  # a run folder means its model/
-    train_vae(vae_cfg(tmp_path / "scratch", preset="tiny", model=dict(ch=16, codebook_size=32), image_size=16),
-              dataset=ds)
+    scratch_cfg = vae_cfg(tmp_path / "scratch", preset="tiny", model=dict(ch=16, codebook_size=32),
+                          image_size=16)
+    train_vae(scratch_cfg, dataset=ds)
     ft, scratch = first(tmp_path / "ft", "loss/rec"), first(tmp_path / "scratch", "loss/rec")
     assert ft == pytest.approx(expected, rel=1e-4)
     assert scratch > 1.5 * ft, (scratch, ft)
@@ -105,7 +106,8 @@ def test_vae_architecture_disagreement_and_bad_freeze_are_one_line_errors(base_v
     with pytest.raises(UserError, match="image_size=16"):
         train_vae(vae_cfg(tmp_path / "b", init_from=str(run), preset="fmnist32-8x8x4"), dataset=ds)
     # fields that only change training may differ
-    train_vae(vae_cfg(tmp_path / "c", init_from=str(run), model=dict(commitment_weight=0.5), steps=1), dataset=ds)
+    train_vae(vae_cfg(tmp_path / "c", init_from=str(run), model=dict(commitment_weight=0.5), steps=1),
+              dataset=ds)
     rc = main(["train-vae", "--data", "x", "--out", str(tmp_path / "d"), "--init-from", str(run),
                "--freeze", "decoder"])
     err = capsys.readouterr().err
@@ -120,7 +122,8 @@ def class_images(n, size, n_classes, seed=0):
     labels = torch.arange(n) % n_classes
     for i, c in enumerate(labels.tolist()):
         r = c % 4
-        x[i, :, (r // 2) * size // 2:(r // 2 + 1) * size // 2, (r % 2) * size // 2:(r % 2 + 1) * size // 2] += 1.5
+        h, w = (r // 2) * size // 2, (r % 2) * size // 2
+        x[i, :, h:h + size // 2, w:w + size // 2] += 1.5
         x[i, c % 3] += 0.1 * (c // 4)
     return x.clamp(-1, 1), labels
 
@@ -195,8 +198,8 @@ def test_ar_refuses_another_codebook_unless_allowed(base_ar, tmp_path):
     tuned.save_pretrained(tmp_path / "tuned")
     with pytest.raises(UserError, match="another codebook.*--allow-new-codebook"):
         train_ar(ar_cfg(tmp_path, tmp_path / "tuned", "no", init_from=str(tmp / "base")), dataset=ds)
-    train_ar(ar_cfg(tmp_path, tmp_path / "tuned", "yes", init_from=str(tmp / "base"), allow_new_codebook=True),
-             dataset=ds)
+    cfg = ar_cfg(tmp_path, tmp_path / "tuned", "yes", init_from=str(tmp / "base"), allow_new_codebook=True)
+    train_ar(cfg, dataset=ds)
     saved = RQTransformer.from_pretrained(tmp_path / "yes" / "model").codebook
     assert torch.equal(saved, tuned.quantizer.codebook[0])
 
@@ -208,7 +211,8 @@ def test_ar_from_the_official_fixtures(tmp_path):
     state, arch = load_official(OFFICIAL / "rqtransformer_class_tiny")
     loaded = convert_official_rqtransformer(state, arch, load_codebook(vae_dir))
     expected = direct_loss(loaded, RQVAE.from_pretrained(vae_dir), images, labels)
-    train_ar(ar_cfg(tmp_path, vae_dir, "ft", init_from=str(OFFICIAL / "rqtransformer_class_tiny")), dataset=ds)
+    train_ar(ar_cfg(tmp_path, vae_dir, "ft", init_from=str(OFFICIAL / "rqtransformer_class_tiny")),
+             dataset=ds)
     assert first(tmp_path / "ft", "loss/image") == pytest.approx(expected, rel=1e-4)
     with pytest.raises(UserError, match="has width=64 but"):
         train_ar(ar_cfg(tmp_path, vae_dir, "p", init_from=str(OFFICIAL / "rqtransformer_class_tiny"),

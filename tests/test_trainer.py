@@ -174,3 +174,35 @@ def test_a_signal_to_the_command_ends_with_a_checkpoint(tmp_path, sig):
     assert "interrupted: saved step" in err and "Traceback" not in err
     step = int(latest_checkpoint(run).name.split("_")[1])
     assert step >= 2 and f"saved step {step} " in err
+
+
+def test_progress_shows_the_loss_of_every_step_not_only_of_log_lines():
+    stream = io.StringIO()
+    logger = Logger(None, total_steps=3, desc="train-vae", stream=stream, interval=0.0)
+    logger.scalars(1, {"loss/total": 9.0})  # a log line (every --log-every steps)
+    logger.progress_loss(torch.tensor(1.0))
+    logger.progress_loss(torch.tensor(3.0))
+    logger.advance()  # the mean of the steps since the last refresh
+    logger.progress_loss(torch.tensor(5.0))
+    logger.advance()
+    logger.advance()  # no new step loss: the last value stays
+    logger.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" loss ")[1].split()[0] for line in lines] == ["2", "5", "5"]
+
+
+def test_a_run_failing_before_its_first_step_removes_the_folder_it_created(tmp_path, monkeypatch):
+    def fail(self, batch, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(VAETask, "train_step", fail)
+    ds = TensorImageDataset(_images()[0])
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_vae(_vae_cfg(run), dataset=ds)
+    assert not run.exists() and tmp_path.exists()
+    run.mkdir()  # a folder the user made is left alone
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_vae(_vae_cfg(run), dataset=ds)
+    assert (run / "notes.txt").read_text() == "mine"

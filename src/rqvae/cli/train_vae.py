@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rqvae import distributed
-from rqvae.cli.common import add_training_arguments, run_training
+from rqvae.cli.common import add_training_arguments, is_main_process, run_training
 from rqvae.train.vae import TrainVAEConfig, train_vae
 
 
@@ -20,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = run_training(TrainVAEConfig, args, lambda cfg: (train_vae(cfg), cfg)[1])
     run = Path(cfg.run_dir)
-    if distributed.get_rank() == 0 and (run / "model").is_dir():  # not after --stop-after
+    if is_main_process() and (run / "model").is_dir():  # not after --stop-after
         last = f" (the best on the validation data; the final one: {run / 'model-last'})" \
             if (run / "model-last").is_dir() else ""
         print(f"saved the model to {run / 'model'}{last}")
