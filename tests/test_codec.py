@@ -105,7 +105,7 @@ def test_damaged_foreign_and_mismatched_files_are_user_errors(vae, codes):
 
 def test_prior_of_another_tokenizer_is_refused(vae, codes):
     other = _prior(_vae(seed=3), "uncond")
-    with pytest.raises(UserError, match="another tokenizer"):
+    with pytest.raises(UserError, match="codebook differs"):
         compress_codes(codes, vae, other)
 
 

@@ -18,6 +18,7 @@ import torch
 from rqvae.codec import format as rqv
 from rqvae.codec.entropy import AdaptiveModel, Decoder, PriorModel, encode_symbols, nll_bits
 from rqvae.errors import UserError
+from rqvae.eval.pairing import check_pair
 
 
 def model_hash(model: torch.nn.Module) -> bytes:
@@ -52,17 +53,6 @@ def _cond_kind(prior: torch.nn.Module | None) -> str:
     return {"uncond": "none", "class": "class", "text": "text"}[prior.config.cond_type]
 
 
-def check_pair(vae: torch.nn.Module, prior: torch.nn.Module | None) -> None:
-    """The prior must model this VAE's codes (same code shape, K and codebook)."""
-    if prior is None:
-        return
-    vc, pc = vae.config, prior.config
-    if tuple(pc.code_shape) != vae.code_shape() or pc.vocab_size != vc.codebook_size or not torch.equal(
-            prior.codebook.cpu(), vae.quantizer.codebook[0].detach().cpu()):
-        raise UserError("the prior was trained on another tokenizer (its code shape, codebook size or "
-                        "codebook differs from the VAE's); pass the RQ-VAE it was trained with")
-
-
 def _entropy_model(vae: torch.nn.Module, prior: torch.nn.Module | None, cond: tuple[int, ...], depth: int):
     if prior is None:
         return AdaptiveModel(vae.config.codebook_size, depth)
@@ -72,7 +62,7 @@ def _entropy_model(vae: torch.nn.Module, prior: torch.nn.Module | None, cond: tu
 def compress_codes(codes: torch.Tensor, vae: torch.nn.Module, prior: torch.nn.Module | None = None, *,
                    cond: tuple[int, ...] = (), depth: int | None = None) -> Compressed:
     """codes (h, w, D) of ``vae`` -> a ``.rqv`` file holding their first ``depth`` codes per position."""
-    check_pair(vae, prior)
+    check_pair(vae, prior, code_shape=vae.code_shape())
     h, w, D = codes.shape
     depth = D if depth is None else depth
     if not 1 <= depth <= D:
@@ -102,7 +92,7 @@ def decompress_codes(data: bytes, vae: torch.nn.Module, prior: torch.nn.Module |
         prior = None
     elif header.prior_hash != model_hash(prior):
         raise UserError(f"{name} was compressed with another RQ-Transformer; pass the prior it was made with")
-    check_pair(vae, prior)
+    check_pair(vae, prior, code_shape=vae.code_shape())
     h, w, _ = header.code_shape
     try:
         flat = _entropy_model(vae, prior, header.cond, header.depth).decode(Decoder(payload), h * w,
