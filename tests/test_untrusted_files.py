@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rqvae.errors import UserError
-from rqvae.train.checkpoint import load_torch_file_safely, save_checkpoint
+from rqvae.models.hub import load_torch_file_safely
+from rqvae.train.checkpoint import save_checkpoint
 
 FIXTURES = Path(__file__).parent / "data" / "official"
 

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from rqvae.errors import UserError
-from rqvae.train.checkpoint import load_torch_file_safely
+from rqvae.models.hub import load_torch_file_safely
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 BPE_MERGES = 49152 - 256 - 2  # how many merges OpenAI's SimpleTokenizer reads from the file

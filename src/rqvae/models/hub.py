@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -170,3 +171,26 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
             parts.append(f"shape of {k} is {tuple(state[k].shape)}, config expects {tuple(own[k].shape)}")
         raise UserError(f"{source} does not match its config: {'; '.join(parts)}")
     model.load_state_dict(state)
+
+
+def load_torch_file_safely(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``.pt`` file (e.g. an official checkpoint) with ``torch.load(weights_only=True)``: tensors and
+    plain containers only. A file that asks to build any other object (which an ordinary unpickler would
+    do, running its code) is refused with a UserError and nothing in it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the path of a .pt checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).strip().splitlines() or [""]
+        detail = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
+        raise UserError(f"{path} holds objects other than tensors ({detail[:160]}); rqvae refuses to "
+                        "unpickle arbitrary objects: only use checkpoint files from sources you trust"
+                        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable torch checkpoint ({str(e).splitlines()[0][:160]}); "
+                        "is the file complete?") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of tensors; is it a checkpoint?")
+    return obj

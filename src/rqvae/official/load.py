@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from rqvae.errors import UserError
-from rqvae.train.checkpoint import load_torch_file_safely
+from rqvae.models.hub import load_torch_file_safely
 
 WEIGHT_CHOICES = ("auto", "ema", "raw")
 

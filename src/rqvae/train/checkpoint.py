@@ -16,7 +16,8 @@ A save writes into a hidden temporary folder, fsyncs it, renames it into place a
 checkpoint readable. Optimizer and RNG state round-trip bit for bit, so a resumed run continues exactly as
 the uninterrupted run would have.
 
-Official ``.pt`` files are read only through :func:`load_torch_file_safely` (``weights_only=True``).
+Official ``.pt`` files are read only through :func:`rqvae.models.hub.load_torch_file_safely`
+(``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -339,26 +339,3 @@ def _check_optimizer(opt: torch.optim.Optimizer, osd: dict[str, Any], source: st
             if k in _PARAM_SHAPED and isinstance(v, torch.Tensor) and v.shape != p.shape:
                 raise UserError(f"{source} state {k} of parameter {pid} has shape {tuple(v.shape)}, the "
                                 f"parameter has {tuple(p.shape)}; is the model built with the same config?")
-
-
-def load_torch_file_safely(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``.pt`` file (e.g. an official checkpoint) with ``torch.load(weights_only=True)``: tensors and
-    plain containers only. A file that asks to build any other object (which an ordinary unpickler would
-    do, running its code) is refused with a UserError and nothing in it runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the path of a .pt checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = str(e).strip().splitlines() or [""]
-        detail = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
-        raise UserError(f"{path} holds objects other than tensors ({detail[:160]}); rqvae refuses to "
-                        "unpickle arbitrary objects: only use checkpoint files from sources you trust"
-                        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable torch checkpoint ({str(e).splitlines()[0][:160]}); "
-                        "is the file complete?") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of tensors; is it a checkpoint?")
-    return obj
