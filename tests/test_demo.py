@@ -45,9 +45,13 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
                  "classifier/model.safetensors"):
         assert (out / name).is_file(), name
     m = results["metrics"]
-    fid_key = next(k for k in m if k.startswith("FID"))
-    # six training steps: the samples are far from the data (the FID of a set against itself is ~0)
-    assert np.isfinite(m[fid_key]) and m[fid_key] > 10
+    fid_key = next(k for k in m if k.startswith("FID ("))
+    floor_key = next(k for k in m if k.startswith("FID floor"))
+    # six training steps: the samples are far from the data, much further than real images of it
+    assert np.isfinite(m[fid_key]) and m[fid_key] > 10 and m[fid_key] > 2 * m[floor_key]
+    assert m["FID - floor"] == pytest.approx(m[fid_key] - m[floor_key])
+    assert "12 samples vs 24 test images" in fid_key and "24 train vs 24 test" in floor_key
+    assert np.isfinite(next(v for k, v in m.items() if k.startswith("rFID")))
     # the reported accuracy is the saved classifier's on the saved models' samples, drawn again
     vae = RQVAE.from_pretrained(out / "vae" / "model").eval()
     ar = RQTransformer.from_pretrained(out / "ar" / "model").eval()

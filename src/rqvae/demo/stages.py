@@ -34,11 +34,12 @@ def train_or_load_vae(cfg: DemoConfig, out: Path) -> Any:
     tcfg = TrainVAEConfig(
         data=cfg.data, run_dir=str(run), preset=cfg.vae_preset, model=dict(cfg.vae_model),
         image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.vae_batch_size,
-        steps=cfg.vae_steps, bf16=cfg.bf16,
+        steps=cfg.vae_steps, bf16=cfg.bf16, lr=cfg.vae_lr, schedule="cosine",
+        disc_weight=cfg.vae_disc_weight, disc_start=cfg.vae_steps // 2,
+        codebook_init_batches=cfg.vae_codebook_init,
         checkpoint_every=max(1, cfg.vae_steps // 4),
         log_every=max(1, min(50, cfg.vae_steps // 20)), sample_every=0, seed=cfg.seed,
         resume=(run / "checkpoints").is_dir(), progress=cfg.progress, tensorboard=True,
-        disc_start=cfg.vae_steps // 2,
     )
     return train_vae(tcfg)
 
@@ -52,11 +53,12 @@ def train_or_load_classifier(cfg: DemoConfig, out: Path) -> tuple[Any, float | N
     else:
         train = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="train", augment=True)
         torch.manual_seed(cfg.seed)
-        model = Classifier(ClassifierConfig(in_channels=cfg.channels, num_classes=train.num_classes,
-                                            width=cfg.classifier_width, image_size=cfg.image_size,
-                                            class_names=tuple(train.class_names)))
+        model = Classifier(ClassifierConfig(
+            in_channels=cfg.channels, num_classes=train.num_classes, width=cfg.classifier_width,
+            blocks_per_stage=cfg.classifier_blocks, image_size=cfg.image_size,
+            class_names=tuple(train.class_names)))
         train_classifier(model, train, steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size,
-                         seed=cfg.seed, progress=cfg.progress,
+                         lr=cfg.classifier_lr, seed=cfg.seed, progress=cfg.progress,
                          run_dir=str(folder / "run"))
         model.save_pretrained(folder)
     return model.eval(), evaluate_dataset(model, test)
@@ -70,6 +72,7 @@ def train_or_load_ar(cfg: DemoConfig, out: Path) -> Any:
     tcfg = TrainARConfig(
         vae=str(out / "vae" / "model"), data=cfg.data, run_dir=str(run), cond="class",
         preset=cfg.ar_preset, model=dict(cfg.ar_model), steps=cfg.ar_steps, batch_size=cfg.ar_batch_size,
+        lr=cfg.ar_lr,
         bf16=cfg.bf16, checkpoint_every=max(1, cfg.ar_steps // 4),
         log_every=max(1, min(50, cfg.ar_steps // 20)),
         sample_every=0, seed=cfg.seed, resume=(run / "checkpoints").is_dir(), progress=cfg.progress,

@@ -34,10 +34,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import IterableDataset
 
 from rqvae import distributed as dist
 from rqvae.config import option
-from rqvae.data import build_image_dataset, make_loader
+from rqvae.data import build_image_dataset, collate, make_loader
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
 from rqvae.eval.figures import coarse_to_fine_grid
@@ -50,6 +51,7 @@ from rqvae.models.discriminator import (
     maybe_sync_batchnorm,
 )
 from rqvae.models.vae import RQVAE, VAE_PRESETS, RQVAEConfig
+from rqvae.train.checkpoint import latest_checkpoint
 from rqvae.train.finetune import (
     INIT_HELP,
     VAE_TRAINING_FIELDS,
@@ -104,6 +106,8 @@ class TrainVAEConfig(TrainerConfig, ValidationConfig):
     lpips_vgg: str | None = option(None, "local torchvision VGG16 weights for LPIPS (.safetensors / .pt)")
     lpips_heads: str | None = option(None, "local LPIPS linear heads (the lpips package's vgg.pth)")
     num_workers: int = option(0, "data-loading processes")
+    codebook_init_batches: int = option(0, "k-means codebook initialisation (ResidualQuantizer.fit) on the "
+                                           "encoder outputs of this many batches before step 0 (0: random)")
 
     def requested_fields(self, default_preset: str | None = DEFAULT_PRESET) -> dict[str, Any]:
         """The model config fields that --preset, --model-config, --image-size and --channels ask for."""
@@ -140,6 +144,8 @@ class TrainVAEConfig(TrainerConfig, ValidationConfig):
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.learning_rate() > 0, f"--lr must be > 0, got {self.learning_rate()}"),
             (self.disc_weight >= 0, f"--disc-weight must be >= 0, got {self.disc_weight}"),
+            (self.codebook_init_batches >= 0,
+             f"--codebook-init-batches must be >= 0, got {self.codebook_init_batches}"),
             ((self.lpips_vgg is None) == (self.lpips_heads is None),
              "give both --lpips-vgg and --lpips-heads (or neither)"),
         ]
@@ -151,6 +157,22 @@ class TrainVAEConfig(TrainerConfig, ValidationConfig):
         # an unknown preset or model field fails here, before any data is read
         self.requested_fields(None if self.init_from else DEFAULT_PRESET)
 
+
+
+@torch.no_grad()
+def init_codebook(vae: RQVAE, dataset: Any, n_images: int, seed: int, device: torch.device) -> float:
+    """k-means warm start of the codebook (:meth:`ResidualQuantizer.fit`) on the encoder outputs of
+    ``n_images`` images (a seeded subset of a map-style dataset, the first ones of a stream); returns the
+    fit's MSE. The global RNG is left untouched, so the training run that follows draws what it would."""
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(dataset, IterableDataset):
+            items = [item for _, item in zip(range(n_images), dataset)]
+        else:
+            g = torch.Generator().manual_seed(seed)
+            items = [dataset[i] for i in torch.randperm(len(dataset), generator=g)[:n_images].tolist()]
+        z = torch.cat([vae.encode_latent(collate(items[i:i + 64])["image"].to(device))
+                       for i in range(0, len(items), 64)])  # (N, h, w, n_z)
+        return vae.quantizer.fit(z, seed=seed)
 
 
 class VAETask(TrainTask):
@@ -165,6 +187,7 @@ class VAETask(TrainTask):
         self.frozen = parse_freeze(cfg.freeze or "")
         self.lpips = None
         self.val_dataset: Any = None
+        self.init_note = ""
 
     def prepare(self, info: DistInfo) -> None:
 
@@ -202,6 +225,11 @@ class VAETask(TrainTask):
         self.model = vae = RQVAE(mc).to(device)
         if self.init_model is not None:
             vae.load_state_dict(self.init_model.state_dict())
+        elif cfg.codebook_init_batches > 0 and not (cfg.resume and latest_checkpoint(cfg.run_dir)):
+            n = cfg.codebook_init_batches * cfg.batch_size  # (a resumed run loads its codebook instead)
+            mse = init_codebook(vae, self.dataset, n, cfg.seed, device)
+            self.init_note = f"codebook initialised by k-means on the encoder outputs of {n} images " \
+                             f"(MSE {mse:.5f})"
         freeze_vae(vae, self.frozen)  # before the optimizer: frozen parameters are left out of it
         disc = PatchDiscriminator(DiscriminatorConfig(in_channels=mc.in_channels, ndf=cfg.disc_ndf,
                                                       n_layers=cfg.disc_layers)).to(device)
@@ -294,7 +322,7 @@ class VAETask(TrainTask):
         return {"model_config": config_json(self.model_cfg), "skipped_files": len(self.skipped)}
 
     def describe(self, world_size: int) -> list[str]:
-        cfg, lines = self.cfg, []
+        cfg, lines = self.cfg, [self.init_note] if self.init_note else []
         if cfg.init_from:
             lines.append(f"fine-tuning from {cfg.init_from} (its weights, a fresh optimizer and "
                          f"discriminator){'; frozen: ' + ', '.join(self.frozen) if self.frozen else ''}")
