@@ -51,6 +51,7 @@ from rqvae import distributed as dist
 from rqvae.config import option
 from rqvae.data import ResumableBatchSampler, build_image_dataset
 from rqvae.data.features import load_or_build_features
+from rqvae.data.images import RESIZE_HELP, RESIZE_MODES
 from rqvae.data.text import TOKENIZER_NAME, encode_texts, save_tokenizer
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
@@ -101,6 +102,8 @@ class TrainARConfig(TrainerConfig, ValidationConfig):
                                    help="JSON file (or inline JSON object) of RQTransformerConfig fields "
                                         "over the preset")
     split: str = option("train", "dataset split (Fashion-MNIST: train or test)")
+    resize_mode: str = option("crop", RESIZE_HELP + " (the feature cache keeps one entry per mode)",
+                              choices=RESIZE_MODES)
     captions: str | None = option(None, "text models: a JSONL file of {\"file\": ..., \"text\": ...}; "
                                         "default: a .txt file beside each image; 'classes': the class "
                                         "name of each image")
@@ -209,7 +212,8 @@ class ARTask(TrainTask):
                             "a single shared codebook (the paper's setting): train the RQ-VAE with a shared "
                             "one")
         if self.dataset is None:
-            self.dataset = build_image_dataset(cfg.data, vc.image_size, vc.in_channels, split=cfg.split)
+            self.dataset = build_image_dataset(cfg.data, vc.image_size, vc.in_channels, split=cfg.split,
+                                               resize_mode=cfg.resize_mode)
         captions = dataset_captions(cfg, self.dataset) if cfg.cond == "text" else None
         self.cache = load_or_build_features(
             vae, cfg.vae, self.dataset, data_spec=cfg.data, split=cfg.split, image_size=vc.image_size,
@@ -247,7 +251,8 @@ class ARTask(TrainTask):
             self.val = cache.latents[held], cond.values[held]
         elif cfg.val_data is not None:
             vc, split = self.vae.config, val_split_name(cfg.val_data)
-            ds = build_image_dataset(cfg.val_data, vc.image_size, vc.in_channels, split=split)
+            ds = build_image_dataset(cfg.val_data, vc.image_size, vc.in_channels, split=split,
+                                     resize_mode=cfg.resize_mode)
             texts = dataset_captions(dataclasses.replace(cfg, data=cfg.val_data), ds) if cond.kind == "text" \
                 else None
             val = load_or_build_features(

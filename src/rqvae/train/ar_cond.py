@@ -12,6 +12,7 @@ from rqvae.data.features import dataset_files
 from rqvae.data.images import make_grid
 from rqvae.data.text import captions_for_files, encode_texts, load_tokenizer, pad_id, train_tokenizer
 from rqvae.errors import UserError
+from rqvae.eval.figures import label_grid
 
 
 # ------------------------------------------------------------------------------------- conditions
@@ -66,15 +67,17 @@ def sample_grid(model: Any, vae: Any, cond: Conditions, n_per_cond: int, seed: i
                 top_k: int | None = None, top_p: float | None = None,
                 device: torch.device | str = "cpu", bf16: bool = False) -> torch.Tensor:
     """Samples decoded by the VAE as one grid (C, H, W) in [-1, 1]: a row per class for class models,
-    a row per prompt for text models, rows of 8 for unconditional ones. ``generate`` picks its own compute
-    dtype (bf16 where the hardware has fast bf16 matmuls) unless ``bf16`` is False (then float32)."""
-
+    a row per prompt for text models (each row labelled with its class name or prompt on the left), rows
+    of 8 for unconditional ones. ``generate`` picks its own compute dtype (bf16 where the hardware has fast
+    bf16 matmuls) unless ``bf16`` is False (then float32)."""
+    labels: list[str] = []
     if cond.kind == "class":
         c = torch.arange(cond.num_classes).repeat_interleave(n_per_cond)  # (n_classes * n,)
         nrow = n_per_cond
+        labels = list(cond.class_names or [str(i) for i in range(cond.num_classes)])
     elif cond.kind == "text":
-
-        c = encode_texts(cond.tokenizer, cond.prompts or [""]).repeat_interleave(n_per_cond, dim=0)  # (N, L)
+        labels = list(cond.prompts or [""])
+        c = encode_texts(cond.tokenizer, labels).repeat_interleave(n_per_cond, dim=0)  # (N, L)
         nrow = n_per_cond
     else:
         c = torch.zeros(max(8, n_per_cond * 4), dtype=torch.long)
@@ -86,4 +89,4 @@ def sample_grid(model: Any, vae: Any, cond: Conditions, n_per_cond: int, seed: i
                            dtype=None if bf16 else torch.float32)  # (N, h, w, D)
     model.train(was_training)
     images = vae.decode(codes.to(device)).float().clamp(-1, 1).cpu()  # (N, C, H, W)
-    return make_grid(images, nrow=nrow)
+    return label_grid(make_grid(images, nrow=nrow), row_labels=labels)

@@ -39,9 +39,10 @@ from torch.utils.data import IterableDataset
 from rqvae import distributed as dist
 from rqvae.config import option
 from rqvae.data import build_image_dataset, collate, make_loader
+from rqvae.data.images import RESIZE_HELP, RESIZE_MODES
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
-from rqvae.eval.figures import coarse_to_fine_grid
+from rqvae.eval.figures import labelled_coarse_to_fine_grid
 from rqvae.models.discriminator import (
     DiscriminatorConfig,
     PatchDiscriminator,
@@ -92,6 +93,7 @@ class TrainVAEConfig(TrainerConfig, ValidationConfig):
     image_size: int | None = option(None, "default: the preset's image size")
     channels: int | None = option(None, "default: the preset's", choices=(1, 3))
     augment: bool = option(False, "random crop + horizontal flip")
+    resize_mode: str = option("crop", RESIZE_HELP, choices=RESIZE_MODES)
     lr: float | None = option(None, "Adam learning rate (default: 4e-5 as official; 4e-4 fmnist32, "
                                     "1e-3 tiny)")
     betas: tuple[float, float] = option((0.5, 0.9), "Adam betas")
@@ -204,20 +206,22 @@ class VAETask(TrainTask):
             self.lpips = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_heads).to(info.device)
         if self.dataset is None:  # every data problem surfaces here, before any training
             self.dataset = build_image_dataset(cfg.data, mc.image_size, mc.in_channels, split="train",
-                                               augment=cfg.augment)
+                                               augment=cfg.augment, resize_mode=cfg.resize_mode)
         self.skipped = list(getattr(self.dataset, "skipped", []))
         self._prepare_validation(mc)
 
     def _prepare_validation(self, mc: RQVAEConfig) -> None:
         cfg = self.cfg
         if cfg.val_split > 0:
-            plain = build_image_dataset(cfg.data, mc.image_size, mc.in_channels, split="train") \
+            plain = build_image_dataset(cfg.data, mc.image_size, mc.in_channels, split="train",
+                                        resize_mode=cfg.resize_mode) \
                 if cfg.augment and getattr(self.dataset, "augment", False) else None  # held out unaugmented
             self.dataset, self.val_dataset = split_for_validation(self.dataset, cfg.val_split, cfg.seed,
                                                                   plain)
         elif cfg.val_data is not None:
             self.val_dataset = build_image_dataset(cfg.val_data, mc.image_size, mc.in_channels,
-                                                   split=val_split_name(cfg.val_data))
+                                                   split=val_split_name(cfg.val_data),
+                                                   resize_mode=cfg.resize_mode)
         self.val_metric = "val/loss_rec" if self.val_dataset is not None else None
 
     def build(self, info: DistInfo) -> None:
@@ -314,9 +318,10 @@ class VAETask(TrainTask):
         return vae_metrics(self.model, image_batches(self.val_dataset, cfg.batch_size), self.device)
 
     def sample(self, step: int) -> torch.Tensor | None:
-        """Rows: originals, then reconstructions from the first d = 1..D codes (paper Fig. 5)."""
-
-        return None if self.sample_images is None else coarse_to_fine_grid(self.model, self.sample_images)
+        """Rows: originals, then reconstructions from the first d = 1..D codes (paper Fig. 5), labelled."""
+        if self.sample_images is None:
+            return None
+        return labelled_coarse_to_fine_grid(self.model, self.sample_images)
 
     def extra_state(self) -> dict[str, Any]:
         return {"model_config": config_json(self.model_cfg), "skipped_files": len(self.skipped)}
