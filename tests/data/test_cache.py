@@ -10,8 +10,8 @@ from rqvae.data.cache import cache_dir, cache_root, data_fingerprint
 from rqvae.data.features import load_or_build_features
 from rqvae.eval.fid import reference_stats
 from rqvae.eval.inception import InceptionFeatures
-from tests.test_features import CountingEncoder, ListDataset, _vae_dir
-from tests.test_metrics import smooth_images, write_pngs
+from tests.data.test_features import CountingEncoder, ListDataset, _vae_dir
+from tests.eval.test_metrics import smooth_images, write_pngs
 
 
 def test_cache_root_order(tmp_path, monkeypatch):

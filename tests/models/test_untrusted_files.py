@@ -12,8 +12,7 @@ import torch
 from rqvae.errors import UserError
 from rqvae.models.hub import load_torch_file_safely
 from rqvae.train.checkpoint import save_checkpoint
-
-FIXTURES = Path(__file__).parent / "data" / "official"
+from tests.helpers.paths import OFFICIAL
 
 
 class _Payload:
@@ -49,12 +48,12 @@ def test_official_reader_refuses_crafted_pickle(tmp_path):
     official = pytest.importorskip("rqvae.official.load")
     src, marker = tmp_path / "ckpt", tmp_path / "pwned"
     src.mkdir()
-    shutil.copy(FIXTURES / "rqvae_tiny" / "config.yaml", src / "config.yaml")
+    shutil.copy(OFFICIAL / "rqvae_tiny" / "config.yaml", src / "config.yaml")
     _craft(src / "model.pt", marker)
     with pytest.raises(UserError, match="refuses to unpickle"):
         official.load_official(src)
     assert not marker.exists()
-    state, arch = official.load_official(FIXTURES / "rqvae_tiny")  # the real fixture still loads
+    state, arch = official.load_official(OFFICIAL / "rqvae_tiny")  # the real fixture still loads
     assert state and arch["type"] == "rq-vae"
 
 

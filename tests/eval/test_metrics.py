@@ -21,7 +21,7 @@ from rqvae.eval.inception import InceptionFeatures, to_uint8_range
 from rqvae.eval.is_score import ClassifierLogits, inception_score
 from rqvae.eval.tokenizer import evaluate_tokenizer
 from rqvae.models.classifier import Classifier, ClassifierConfig
-from tests.classifier_fixtures import classifier_choosing
+from tests.helpers.classifier_fixtures import classifier_choosing
 
 
 def smooth_images(n: int, seed: int, size: int = 32, channels: int = 3) -> torch.Tensor:

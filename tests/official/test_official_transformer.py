@@ -1,9 +1,7 @@
-"""Official RQ-Transformer checkpoints (tests/data/official) -> RQTransformer, checked against the official
-logits computed from the same weights."""
+"""Official RQ-Transformer checkpoints (tests/fixtures/official) -> RQTransformer, checked against the
+official logits computed from the same weights."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +16,9 @@ from rqvae.official.transformer import (
     load_codebook,
 )
 from rqvae.official.vae import convert_official_rqvae
+from tests.helpers.paths import OFFICIAL
 
-DATA = Path(__file__).parent / "data" / "official"
-VAE = DATA / "rqvae_tiny"
+VAE = OFFICIAL / "rqvae_tiny"
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +28,10 @@ def codebook() -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["class", "uncond", "text"])
 def test_converted_logits_match_official(kind, codebook):
-    state, arch = load_official(DATA / f"rqtransformer_{kind}_tiny")
+    state, arch = load_official(OFFICIAL / f"rqtransformer_{kind}_tiny")
     model = convert_official_rqtransformer(state, arch, codebook)
     assert model.config.cond_type == kind and not model.training
-    io = load_file(str(DATA / f"rqtransformer_{kind}_tiny" / "io.safetensors"))
+    io = load_file(str(OFFICIAL / f"rqtransformer_{kind}_tiny" / "io.safetensors"))
     B, H, W, D = io["codes"].shape
     with torch.no_grad():
         out = model(io["codes"], io["cond"], return_cond_logits=kind == "text")
@@ -45,7 +43,7 @@ def test_converted_logits_match_official(kind, codebook):
 
 def test_separate_depth_head_count_matches_official(codebook):
     """head.block.n_head 2 under body.block.n_head 4, and 3 + 2 layers: the official logits to 1e-5."""
-    folder = DATA / "rqtransformer_class_heads_tiny"
+    folder = OFFICIAL / "rqtransformer_class_heads_tiny"
     model = convert_official_rqtransformer(*load_official(folder), codebook)
     c = model.config
     assert (c.n_heads, c.depth_heads, c.n_spatial_layers, c.n_depth_layers) == (4, 2, 3, 2)
@@ -64,10 +62,10 @@ def test_codebook_is_the_vaes_without_padding(codebook):
 
 
 def test_convert_dir_and_roundtrip_through_our_format(tmp_path, codebook):
-    model = convert_official_rqtransformer_dir(DATA / "rqtransformer_class_tiny", VAE)
+    model = convert_official_rqtransformer_dir(OFFICIAL / "rqtransformer_class_tiny", VAE)
     model.save_pretrained(tmp_path / "ar")
     loaded = RQTransformer.from_pretrained(tmp_path / "ar").eval()
-    io = load_file(str(DATA / "rqtransformer_class_tiny" / "io.safetensors"))
+    io = load_file(str(OFFICIAL / "rqtransformer_class_tiny" / "io.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(io["codes"], io["cond"]).flatten(), io["logits"].flatten(),
                                    atol=1e-5, rtol=0)
@@ -77,7 +75,7 @@ def test_convert_dir_and_roundtrip_through_our_format(tmp_path, codebook):
 
 
 def test_conversion_errors(codebook):
-    state, arch = load_official(DATA / "rqtransformer_class_tiny")
+    state, arch = load_official(OFFICIAL / "rqtransformer_class_tiny")
     with pytest.raises(UserError, match="--vae"):
         convert_official_rqtransformer(state, arch, None)
     with pytest.raises(UserError, match="codes"):
@@ -100,12 +98,12 @@ def test_cli_converts_both_stages_and_needs_vae_for_stage2(tmp_path, capsys):
     from rqvae.cli import main
 
     assert main(["convert-official", str(VAE), str(tmp_path / "vae")]) == 0
-    assert main(["convert-official", str(DATA / "rqtransformer_text_tiny"), str(tmp_path / "ar")]) == 2
+    assert main(["convert-official", str(OFFICIAL / "rqtransformer_text_tiny"), str(tmp_path / "ar")]) == 2
     assert "--vae" in capsys.readouterr().err
-    assert main(["convert-official", str(DATA / "rqtransformer_text_tiny"), str(tmp_path / "ar"),
+    assert main(["convert-official", str(OFFICIAL / "rqtransformer_text_tiny"), str(tmp_path / "ar"),
                  "--vae", str(tmp_path / "vae")]) == 0
     model = RQTransformer.from_pretrained(tmp_path / "ar").eval()
-    io = load_file(str(DATA / "rqtransformer_text_tiny" / "io.safetensors"))
+    io = load_file(str(OFFICIAL / "rqtransformer_text_tiny" / "io.safetensors"))
     B, H, W, D = io["codes"].shape
     with torch.no_grad():
         logits, cond_logits = model(io["codes"], io["cond"], return_cond_logits=True)

@@ -60,7 +60,7 @@ CLASSES = pretrained_classes()
 def build(cls: type) -> tuple[torch.nn.Module, tuple]:
     if cls not in EXAMPLES:
         pytest.fail(f"{cls.__module__}.{cls.__name__} is a PretrainedMixin without an entry in EXAMPLES of "
-                    "tests/test_model_contract.py; add a small instance and an input for it")
+                    "tests/models/test_model_contract.py; add a small instance and an input for it")
     torch.manual_seed(0)
     model, inputs = EXAMPLES[cls]()
     with torch.no_grad():  # perturb every float tensor, so a tensor lost in the round trip shows

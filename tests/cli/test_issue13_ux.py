@@ -97,7 +97,7 @@ def test_class_helpers():
 
 
 def test_eval_accuracy_reads_class_name_folders(runs, tmp_path, capsys):
-    from tests.classifier_fixtures import classifier_choosing
+    from tests.helpers.classifier_fixtures import classifier_choosing
 
     out = tmp_path / "s"
     assert main(["sample", "--model", str(runs / "ar_run"), "--vae", str(runs / "vae_run"), "-o", str(out),

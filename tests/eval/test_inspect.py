@@ -1,7 +1,6 @@
 """``rqvae info`` and ``rqvae codebook`` on our folders, training runs and the official fixtures."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ from rqvae.cli import main
 from rqvae.data import TensorImageDataset
 from rqvae.eval.codebook import codebook_report
 from rqvae.models.vae import RQVAE
-
-OFFICIAL = Path(__file__).parent / "data" / "official"
+from tests.helpers.paths import OFFICIAL
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from PIL import Image
 pytest.importorskip("starlette")
 from rqvae.serve import browser  # noqa: E402
 from rqvae.serve.server import running  # noqa: E402
-from tests.test_serve import build_models  # noqa: E402
+from tests.serve.test_serve import build_models  # noqa: E402
 
 MISSING = browser.missing()
 

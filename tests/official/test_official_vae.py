@@ -11,8 +11,9 @@ from rqvae.errors import UserError
 from rqvae.models.vae import RQVAE
 from rqvae.official.load import load_official
 from rqvae.official.vae import convert_official_rqvae, rqvae_config_from_official
+from tests.helpers.paths import OFFICIAL
 
-SRC = Path(__file__).parent / "data" / "official" / "rqvae_tiny"
+SRC = OFFICIAL / "rqvae_tiny"
 # The float64 model matches the official float32 outputs to 1e-5; in float32 our own rounding adds up to
 # ~1e-5 more (measured: float32 vs float64 of the same weights differ by up to 1.0e-5), hence 3e-5 there.
 TOL64 = dict(atol=1e-5, rtol=0.0)

@@ -15,8 +15,8 @@ from rqvae.train.checkpoint import load_checkpoint
 from rqvae.train.trainer import Trainer
 from rqvae.train.vae import train_vae
 from rqvae.train.validation import holdout_indices, split_for_validation
-from tests.test_finetune import ar_cfg, class_images
-from tests.test_train_vae import small_cfg, synthetic_images
+from tests.train.test_finetune import ar_cfg, class_images
+from tests.train.test_train_vae import small_cfg, synthetic_images
 
 
 def metrics(run):

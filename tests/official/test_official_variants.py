@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ from rqvae.models.transformer import RQTransformer
 from rqvae.official.convert import convert_official
 from rqvae.official.load import load_official
 from rqvae.official.transformer import convert_official_rqtransformer, load_codebook
+from tests.helpers.paths import OFFICIAL
 
-DATA = Path(__file__).parent / "data" / "official"
 B, (H, W, D), K, NZ, C, L = 2, (3, 3, 3), 12, 6, 16, 1
 
 # (name, options): every non-default official option in one of them
@@ -159,7 +158,7 @@ def test_converted_forward_equals_the_official_computation(name):
 def test_rqvae_with_a_codebook_per_depth_converts_both_stages(tmp_path):
     """An official RQ-VAE with shared_codebook: false -> per-depth codebooks, and the stage-2 model on it."""
     vae = tmp_path / "vae"
-    shutil.copytree(DATA / "rqvae_tiny", vae)
+    shutil.copytree(OFFICIAL / "rqvae_tiny", vae)
     ckpt = torch.load(vae / "model.pt", weights_only=True)
     for d in range(1, 4):  # every depth its own (K + 1, n_z) tensors
         for k in ("weight", "embed_ema", "cluster_size_ema"):
@@ -171,10 +170,10 @@ def test_rqvae_with_a_codebook_per_depth_converts_both_stages(tmp_path):
     (vae / "config.yaml").write_text(yaml.safe_dump(cfg))
     books = load_codebook(vae)
     assert books.shape == (4, 64, 16) and not torch.equal(books[0], books[1])
-    convert_official(DATA / "rqtransformer_class_tiny", tmp_path / "ar", vae_dir=vae)
+    convert_official(OFFICIAL / "rqtransformer_class_tiny", tmp_path / "ar", vae_dir=vae)
     model = RQTransformer.from_pretrained(tmp_path / "ar").eval()
     assert model.config.per_depth_codebooks and torch.equal(model.codebook, books)
-    state, arch = load_official(DATA / "rqtransformer_class_tiny")
+    state, arch = load_official(OFFICIAL / "rqtransformer_class_tiny")
     shared = convert_official_rqtransformer(state, arch, books[0])
     codes = torch.randint(0, 64, (1, 8, 8, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

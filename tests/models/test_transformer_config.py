@@ -9,7 +9,7 @@ import pytest
 
 from rqvae.errors import UserError
 from rqvae.models.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig
-from tests.ar_fixtures import TINY, make
+from tests.helpers.ar_fixtures import TINY, make
 
 NAMES = tuple(f"class-{i}" for i in range(TINY.num_classes))
 

@@ -90,7 +90,7 @@ def test_class_samples_feed_eval_accuracy(folders, tmp_path, capsys):
     import json
 
     from rqvae.data.images import load_images
-    from tests.classifier_fixtures import classifier_choosing
+    from tests.helpers.classifier_fixtures import classifier_choosing
 
     assert run(folders, "class", tmp_path / "s", "--class", "0", "1", "2", "--n", "6") == 0
     pngs = sorted((tmp_path / "s" / "images").rglob("*.png"))

@@ -10,7 +10,7 @@ import torch
 import rqvae.models.generate_fast as gf
 from rqvae.models.sampling import Sampler
 from rqvae.models.transformer import RQTransformer
-from tests.ar_fixtures import VARIANTS, cond_for, make
+from tests.helpers.ar_fixtures import VARIANTS, cond_for, make
 
 CASES = [("class", 1.0), ("uncond", 1.0), ("text", 1.0), ("class", 3.0), ("text", 2.0)]
 

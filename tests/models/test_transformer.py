@@ -10,7 +10,7 @@ import torch
 from rqvae.errors import UserError
 from rqvae.models.sampling import guide, per_depth, sample_from_logits, top_k_filter, top_p_filter
 from rqvae.models.transformer import AR_PRESETS, RQTransformer, RQTransformerConfig, count_sampling_flops
-from tests.ar_fixtures import TINY, cond_for, make
+from tests.helpers.ar_fixtures import TINY, cond_for, make
 
 
 @pytest.mark.parametrize("cond_type", ["class", "text"])

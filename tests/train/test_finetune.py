@@ -7,7 +7,6 @@ fine-tuning run can be computed directly from the loaded model."""
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +23,9 @@ from rqvae.official.transformer import convert_official_rqtransformer, load_code
 from rqvae.official.vae import load_rqvae
 from rqvae.train.ar import TrainARConfig, ar_image_loss, train_ar
 from rqvae.train.vae import TrainVAEConfig, train_vae
-from tests.test_train_vae import synthetic_images
+from tests.helpers.paths import OFFICIAL
+from tests.train.test_train_vae import synthetic_images
 
-OFFICIAL = Path(__file__).parent / "data" / "official"
 N = 16
 
 

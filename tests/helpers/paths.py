@@ -1,0 +1,6 @@
+"""Where the test fixture files live."""
+
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+OFFICIAL = FIXTURES / "official"  # checkpoints in the official layout + reference outputs (see its README)
