@@ -7,12 +7,14 @@ collectives below are no-ops, so trainers call them unconditionally.
 
 Gradients are averaged either by DDP (:func:`wrap_ddp`) or explicitly with :func:`all_reduce_grads`
 (one flattened all-reduce per call), which keeps GAN training with two models, several forwards of the
-discriminator per step and gradient accumulation simple and bitwise deterministic.
+discriminator per step and gradient accumulation simple and bitwise deterministic. Parameters sharded by
+FSDP (DTensors, :mod:`rqvae.train.fsdp`) get their averaged gradients from FSDP itself and are left out.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,6 +33,13 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (a tensor sharded by FSDP). torch.distributed.tensor takes about a second
+    to import, so it is looked up only if something imported it already (no DTensor exists otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def is_initialized() -> bool:
@@ -112,10 +121,11 @@ def all_reduce_flag(flag: bool, device: torch.device | None = None) -> bool:
 
 
 def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
-    """Average ``.grad`` over ranks in place (one flattened all-reduce). Missing grads count as zero."""
+    """Average ``.grad`` over ranks in place (one flattened all-reduce). Missing grads count as zero.
+    Parameters sharded by FSDP are skipped: their gradients are averaged already."""
     if get_world_size() == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not is_dtensor(p)]
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -127,6 +137,16 @@ def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank ``src``'s ``value`` on every rank (``value`` itself with one process)."""
+    if get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=src)
+    return int(t.item())
 
 
 def broadcast_module(module: nn.Module, src: int = 0, buffers_only: bool = False) -> None:
@@ -141,10 +161,13 @@ def broadcast_module(module: nn.Module, src: int = 0, buffers_only: bool = False
 
 def check_same_across_ranks(module: nn.Module, what: str = "model") -> None:
     """Raise if the parameters or buffers of ``module`` differ between ranks (a cheap checksum per
-    tensor: sum and sum of squares in float64, gathered from every rank)."""
+    tensor: sum and sum of squares in float64, gathered from every rank). Tensors sharded by FSDP hold
+    a different piece on each rank by design and are not compared."""
     if get_world_size() == 1:
         return
-    tensors = [*module.parameters(), *module.buffers()]
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if not is_dtensor(t)]
+    if not tensors:
+        return
     local = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().pow(2).sum()])
                          for t in tensors]).flatten()
     gathered = [torch.zeros_like(local) for _ in range(get_world_size())]

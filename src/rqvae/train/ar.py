@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from rqvae import distributed as dist
 from rqvae.config import option
@@ -57,6 +56,8 @@ from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
 from rqvae.models.transformer import AR_PRESETS, RQTransformer
 from rqvae.models.vae import RQVAE
+from rqvae.train.activations import HELP as ACTIVATIONS_HELP
+from rqvae.train.activations import checkpoint_blocks
 from rqvae.train.ar_cond import Conditions, build_conditions, dataset_captions, sample_grid
 from rqvae.train.ar_init import (
     DEFAULT_PRESET,
@@ -66,6 +67,7 @@ from rqvae.train.ar_init import (
     load_into,
     scratch_config,
 )
+from rqvae.train.ar_loss import ar_image_loss, ar_text_loss, step_generator
 from rqvae.train.finetune import INIT_HELP, init_folder, load_init_transformer
 from rqvae.train.optim import build_optimizer, build_scheduler
 from rqvae.train.precision import autocast
@@ -112,6 +114,10 @@ class TrainARConfig(TrainerConfig, ValidationConfig):
     text_len: int = option(32, "text tokens per caption (padded/truncated)")
     text_vocab_size: int = option(16384, "BPE vocabulary cap when training a tokenizer")
     flip: bool = option(False, "also train on horizontally flipped images (a second cached copy)")
+    fsdp: bool = option(False, "shard the RQ-Transformer's weights, gradients and AdamW state over the "
+                               "processes (FSDP2; torchrun with several processes); checkpoints are sharded, "
+                               "RUN/model is gathered as usual")
+    activation_checkpointing: bool = option(False, ACTIVATIONS_HELP)
     feature_cache: str | None = option(None, "folder of cached encoder features (default: $RQVAE_CACHE or "
                                              "~/.cache/rqvae)")
     batch_size: int = option(64, "images per process and micro-batch")
@@ -159,33 +165,6 @@ class TrainARConfig(TrainerConfig, ValidationConfig):
             if not ok:
                 raise UserError(message)
         self.check_validation()
-
-
-# ---------------------------------------------------------------------------------------- loss
-def ar_image_loss(logits: torch.Tensor, probs: torch.Tensor, codes: torch.Tensor,
-                  soft_labels: bool = True) -> torch.Tensor:
-    """Eq. 14: mean over (B, T, D) of the cross-entropy between targets and the predicted distribution.
-
-    logits (B, T, D, K); probs (B, T, D, K) = Q_tau (soft targets); codes (B, T, D) (one-hot targets).
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, D, K)
-    if soft_labels:
-        return -(probs.to(logp.dtype) * logp).sum(-1).mean()
-    return F.nll_loss(logp.reshape(-1, logp.shape[-1]), codes.reshape(-1))
-
-
-def ar_text_loss(text_logits: torch.Tensor, tokens: torch.Tensor, pad: int) -> torch.Tensor:
-    """Next-token NLL of the caption: text_logits (B, L-1, V) predict tokens[:, 1:]; [PAD] is ignored."""
-    target = tokens[:, 1:].reshape(-1)  # (B (L-1),)
-    nll = F.cross_entropy(text_logits.float().reshape(target.shape[0], -1), target, reduction="sum",
-                          ignore_index=pad)
-    return nll / (target != pad).sum().clamp_min(1)
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The random stream of one training micro-batch on one rank (codes): a function of (seed, micro-batch
-    index, rank) only, so a resumed run draws exactly what an uninterrupted run would."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
 class ARTask(TrainTask):
@@ -269,15 +248,33 @@ class ARTask(TrainTask):
     def build(self, info: DistInfo) -> None:
 
         cfg = self.cfg
-        self.model = model = RQTransformer(self.model_cfg, codebook=self.codebook).to(info.device)
+        self.model = model = self._new_model()
         if self.init_model is not None:
             self.notes += load_into(model, self.init_model)
         dist.broadcast_module(model)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(transformer_blocks(model))
+        if cfg.fsdp and info.world_size > 1:  # before the optimizer: it steps the shards
+            _fsdp().shard_model(model, transformer_blocks(model))
+            self.sharded = True
         model.train()
         opt = build_optimizer(model, "adamw", lr=cfg.learning_rate(), betas=tuple(cfg.betas),
                               weight_decay=cfg.weight_decay)
         self.modules, self.optimizers = {"model": model}, {"model": opt}
         self.schedulers = {"model": build_scheduler(opt, cfg.warmup(), max(1, cfg.steps), "cosine")}
+
+    def _new_model(self) -> RQTransformer:
+        return RQTransformer(self.model_cfg, codebook=self.codebook).to(self.device)
+
+    def copy_model(self) -> torch.nn.Module:
+        if not self.sharded:
+            return super().copy_model()
+        return _fsdp().sharded_twin(self.model, self._new_model, transformer_blocks)
+
+    def plain_model(self) -> RQTransformer | None:
+        """The model as a plain module: itself, or with --fsdp a copy gathered on rank 0 (None on the other
+        ranks; every rank must call it then)."""
+        return _fsdp().gathered_copy(self.model, self._new_model) if self.sharded else self.model
 
     def batches(self, start: int) -> Iterator[Any]:
 
@@ -320,8 +317,10 @@ class ARTask(TrainTask):
                        device=self.device)
 
     def sample(self, step: int) -> torch.Tensor | None:
-        cfg = self.cfg
-        return sample_grid(self.model, self.vae, self.cond, cfg.samples_per_class, seed=cfg.seed,
+        cfg, model = self.cfg, self.plain_model()
+        if model is None:
+            return None
+        return sample_grid(model, self.vae, self.cond, cfg.samples_per_class, seed=cfg.seed,
                            top_k=cfg.sample_top_k, top_p=cfg.sample_top_p, device=self.device, bf16=cfg.bf16)
 
     def extra_state(self) -> dict[str, Any]:
@@ -337,6 +336,11 @@ class ARTask(TrainTask):
         if self.cond.kind == "class":
             table = ", ".join(f"{i} {name}" for i, name in enumerate(self.cond.class_names or []))
             lines.append(f"classes (id name): {table}")
+        if cfg.fsdp:
+            lines.append(f"FSDP: weights, gradients and AdamW state sharded over {world_size} processes"
+                         if self.sharded else "--fsdp with one process: nothing to shard")
+        if cfg.activation_checkpointing:
+            lines.append("activation checkpointing: each transformer block recomputed in the backward pass")
         if cfg.init_from:
             lines.append(f"fine-tuning from {cfg.init_from} (its weights, a fresh optimizer)")
         lines += [f"init-from: {note}" for note in self.notes]
@@ -347,13 +351,25 @@ class ARTask(TrainTask):
         return lines
 
     def save_final(self, run_dir: Path | None, name: str = "model") -> None:
-        if run_dir is None:
+        model = None if run_dir is None else self.plain_model()
+        if model is None:
             return
-        out = self.model.save_pretrained(run_dir / name)
+        out = model.save_pretrained(run_dir / name)
         if self.cond.kind == "text":
 
             save_tokenizer(self.cond.tokenizer, out)
         log.info("saved the RQ-Transformer to %s", out)
+
+
+def transformer_blocks(model: RQTransformer) -> list[torch.nn.Module]:
+    """The units of activation checkpointing and FSDP: every spatial and depth transformer block."""
+    return [*model.spatial_blocks, *model.depth_blocks]
+
+
+def _fsdp() -> Any:
+    from rqvae.train import fsdp  # torch.distributed.tensor takes about a second to import: only for --fsdp
+
+    return fsdp
 
 
 def train_ar(cfg: TrainARConfig, dataset: Any = None) -> Any:

@@ -16,6 +16,10 @@ A save writes into a hidden temporary folder, fsyncs it, renames it into place a
 checkpoint readable. Optimizer and RNG state round-trip bit for bit, so a resumed run continues exactly as
 the uninterrupted run would have.
 
+A sharded run (``--fsdp``, :mod:`rqvae.train.fsdp`) calls :func:`save_checkpoint` on every rank: each
+writes its pieces of the sharded tensors to ``shard-RRRRR-of-WWWWW.safetensors`` in the same folder before
+rank 0 completes it as above (:mod:`rqvae.train.sharded`); :func:`load_checkpoint` puts them back.
+
 Official ``.pt`` files are read only through :func:`rqvae.models.hub.load_torch_file_safely`
 (``weights_only=True``).
 """
@@ -33,11 +37,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from rqvae import distributed as dist
 from rqvae.errors import UserError
 from rqvae.models.hub import atomic_write_bytes, load_state_dict_checked
+from rqvae.train.sharded import (
+    fit_optimizer_state,
+    fit_to,
+    read_pieces,
+    read_tensors,
+    split_sharded,
+    write_pieces,
+)
 
 FORMAT = "rqvae-training-checkpoint"
 VERSION = 1
@@ -55,6 +67,9 @@ _PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "
 
 def _encode(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
     """A JSON-able form of ``obj``; tensors are moved into ``tensors`` under ``name`` and referenced."""
+    if dist.is_dtensor(obj):  # sharded (FSDP): this rank's piece goes to its shard file
+        tensors[name] = obj.detach()
+        return {"__tensor__": name}
     if isinstance(obj, torch.Tensor):
         tensors[name] = obj.detach().cpu().contiguous().clone()
         return {"__tensor__": name}
@@ -194,25 +209,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 # ----------------------------------------------------------------------------------------------------------
 # save / load
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer] | None = None,
-                    schedulers: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                    keep_last: int | None = 3) -> Path:
-    """Save the training state at ``step`` to ``run_dir/checkpoints/step_{step:06d}`` atomically and return
-    that folder. ``extra`` must be JSON-able (numbers, strings, lists, dicts). Keeps the newest
-    ``keep_last`` checkpoints (all of them if None or 0). Call it on one process (rank 0) only."""
-    optimizers, schedulers, extra = optimizers or {}, schedulers or {}, extra or {}
-    ck = _checkpoints_dir(run_dir)
-    ck.mkdir(parents=True, exist_ok=True)
-    _remove_stale(ck)
-    name = f"step_{int(step):06d}"
-    tmp = ck / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-
-    module_tensors: dict[str, torch.Tensor] = {}
-    for mname, module in modules.items():
-        for k, v in module.state_dict().items():
-            module_tensors[f"{mname}.{k}"] = v.detach().cpu().contiguous().clone()
+def _collect(step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             schedulers: dict[str, Any], extra: dict[str, Any]) -> tuple[dict, dict, dict, str]:
+    """(module tensors, other tensors, this rank's pieces of sharded tensors, state.json text)."""
+    module_tensors = {f"{mname}.{k}": v.detach() for mname, module in modules.items()
+                      for k, v in module.state_dict().items()}
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "format": FORMAT, "version": VERSION, "step": int(step),
@@ -222,19 +223,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, to
         "extra": _encode(extra, "extra", tensors),
         "rng": _rng_state(tensors),
     }
+    module_tensors, module_pieces, module_shapes = split_sharded(module_tensors, clone=True)
+    tensors, optim_pieces, optim_shapes = split_sharded(tensors, clone=False)  # _encode cloned them
+    if module_shapes or optim_shapes:
+        state["sharded"] = {"world_size": dist.get_world_size(), "modules": module_shapes,
+                            "optim": optim_shapes}
     try:
         text = json.dumps(state, indent=1, allow_nan=False)
     except (TypeError, ValueError) as e:  # _encode makes everything JSON-able; this is a safety net
         raise UserError(f"checkpoint state is not JSON-serializable ({e})") from None
+    return module_tensors, tensors, {**module_pieces, **optim_pieces}, text
 
-    meta = {"format": FORMAT, "step": str(int(step))}
-    save_file(module_tensors, str(tmp / MODULES_FILE), metadata=meta)
-    save_file(tensors, str(tmp / OPTIM_FILE), metadata=meta)
-    (tmp / STATE_FILE).write_text(text)
-    for f in (MODULES_FILE, OPTIM_FILE, STATE_FILE):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
 
+def _publish(ck: Path, tmp: Path, name: str, keep_last: int | None) -> None:
+    """Rename the finished ``tmp`` folder to ``name``, point ``latest`` at it, drop the old checkpoints."""
     final = ck / name
     if final.exists():  # saving the same step again (e.g. after a resume): move the old one aside first
         trash = ck / f".trash-{name}-{os.getpid()}"
@@ -246,7 +248,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, to
     _fsync_dir(ck)
     atomic_write_bytes(ck / LATEST_FILE, (name + "\n").encode())
     _fsync_dir(ck)
-
     if keep_last:
         for old in list_checkpoints(ck)[:-keep_last]:
             if old.name == name:
@@ -254,10 +255,48 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, to
             trash = ck / f".trash-{old.name}-{os.getpid()}"
             os.rename(old, trash)  # out of sight first: never a half-deleted step_ folder
             shutil.rmtree(trash, ignore_errors=True)
-    return final
 
 
-def _resolve(path: str | os.PathLike) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+                    schedulers: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    keep_last: int | None = 3) -> Path:
+    """Save the training state at ``step`` to ``run_dir/checkpoints/step_{step:06d}`` atomically and return
+    that folder. ``extra`` must be JSON-able (numbers, strings, lists, dicts). Keeps the newest
+    ``keep_last`` checkpoints (all of them if None or 0). Call it on one process (rank 0) only, except
+    for sharded (FSDP) modules or optimizers: then on every rank (each writes its pieces)."""
+    optimizers, schedulers, extra = optimizers or {}, schedulers or {}, extra or {}
+    module_tensors, tensors, pieces, text = _collect(step, modules, optimizers, schedulers, extra)
+    sharded = bool(pieces)  # the same on every rank: the modules are sharded alike
+    main = not sharded or dist.is_main()
+    ck = _checkpoints_dir(run_dir)
+    name = f"step_{int(step):06d}"
+    if main:
+        ck.mkdir(parents=True, exist_ok=True)
+        _remove_stale(ck)
+    tmp = ck / f".tmp-{name}-{dist.broadcast_int(os.getpid()) if sharded else os.getpid()}"
+    if main:
+        tmp.mkdir()
+    if sharded:  # every rank's pieces, into the folder rank 0 made, before rank 0 completes it
+        dist.barrier()
+        _fsync_file(write_pieces(tmp, pieces, dist.get_rank(), dist.get_world_size()))
+        dist.barrier()
+        if not main:
+            return ck / name
+
+    meta = {"format": FORMAT, "step": str(int(step))}
+    save_file(module_tensors, str(tmp / MODULES_FILE), metadata=meta)
+    save_file(tensors, str(tmp / OPTIM_FILE), metadata=meta)
+    (tmp / STATE_FILE).write_text(text)
+    for f in (MODULES_FILE, OPTIM_FILE, STATE_FILE):
+        _fsync_file(tmp / f)
+    _fsync_dir(tmp)
+    _publish(ck, tmp, name, keep_last)
+    return ck / name
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or the latest complete checkpoint of a run folder."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a checkpoint folder or a run folder")
@@ -277,7 +316,7 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]
     schedulers, restore the RNG states, and return ``extra`` (with ``"step"`` set to the checkpoint's step
     unless ``extra`` has its own). Every requested name must be in the checkpoint and match it exactly;
     otherwise a one-line :class:`UserError` says what differs. Nothing is unpickled."""
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     modules, optimizers, schedulers = modules or {}, optimizers or {}, schedulers or {}
     try:
         state = json.loads((path / STATE_FILE).read_text())
@@ -285,18 +324,21 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]
         raise UserError(f"{path / STATE_FILE} is unreadable ({e}); resume from an older checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not an rqvae training checkpoint (no {FORMAT!r} in {STATE_FILE})")
-    try:
-        module_tensors = load_file(str(path / MODULES_FILE))
-        tensors = load_file(str(path / OPTIM_FILE))
-    except (OSError, SafetensorError) as e:
-        raise UserError(f"{path} has a corrupt tensor file ({e}); resume from an older checkpoint") from None
+    module_tensors, tensors = read_tensors(path / MODULES_FILE), read_tensors(path / OPTIM_FILE)
+    if state.get("sharded"):  # this rank's pieces (or, resharding, whole tensors: fit_to cuts them)
+        sharded = state["sharded"]
+        own = all(any(dist.is_dtensor(v) for v in m.state_dict().values()) for m in modules.values())
+        pieces = read_pieces(path, sharded, dist.get_rank(), dist.get_world_size(), own_only=own)
+        module_tensors.update({k: pieces[k] for k in sharded["modules"]})
+        tensors.update({k: pieces[k] for k in sharded["optim"]})
 
     for mname, module in modules.items():
         if mname not in state["modules"]:
             raise UserError(f"checkpoint {path} has no module {mname!r} (it has {state['modules']}); "
                             "is it from another kind of run?")
-        prefix = f"{mname}."
+        prefix, own = f"{mname}.", module.state_dict()
         sd = {k[len(prefix):]: v for k, v in module_tensors.items() if k.startswith(prefix)}
+        sd = {k: fit_to(v, own[k]) if k in own else v for k, v in sd.items()}  # sharded as the module
         load_state_dict_checked(module, sd, source=f"checkpoint {path} module {mname!r}")
 
     for oname, opt in optimizers.items():
@@ -304,6 +346,7 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]
             raise UserError(f"checkpoint {path} has no optimizer {oname!r} "
                             f"(it has {sorted(state['optimizers'])})")
         osd = _decode(state["optimizers"][oname], tensors)
+        fit_optimizer_state(opt, osd)
         _check_optimizer(opt, osd, f"checkpoint {path} optimizer {oname!r}")
         try:
             opt.load_state_dict(osd)

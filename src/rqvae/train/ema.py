@@ -23,12 +23,16 @@ class ModelEMA(nn.Module):
 
     num_updates: torch.Tensor
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, module: nn.Module | None = None) -> None:
+        """``module``: the frozen copy of ``model`` to keep the average in (default: a deep copy; a sharded
+        model passes a sharded twin, see :meth:`rqvae.train.task.TrainTask.copy_model`)."""
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise UserError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(dist.unwrap(model)).eval().requires_grad_(False)
+        if module is None:
+            module = copy.deepcopy(dist.unwrap(model)).eval().requires_grad_(False)
+        self.module = module
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
 
     def train(self, mode: bool = True) -> ModelEMA:

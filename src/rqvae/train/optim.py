@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rqvae.distributed import is_dtensor
 from rqvae.errors import UserError
 
 
@@ -64,10 +65,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Total gradient 2-norm (before clipping) as a 0-dim tensor, inf/nan if non-finite; clips to
-    ``max_norm`` if > 0. No host sync: the caller reads it once, when it checks or logs it."""
+    ``max_norm`` if > 0. No host sync: the caller reads it once, when it checks or logs it. Gradients
+    sharded by FSDP (DTensors) count whole: the norm is reduced over their shards on every rank."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
+    if any(is_dtensor(p.grad) for p in params):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else \
+            torch.nn.utils.get_total_norm([p.grad for p in params])
+        return norm.full_tensor() if is_dtensor(norm) else norm
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))

@@ -16,13 +16,18 @@ Optional hooks: ``active_optimizers(step)`` (which optimizers step, e.g. the dis
 ``disc_start``), ``log_extras(means)`` (task metrics at log time), ``extra_state()`` /
 ``load_extra_state(extra, path)`` (checkpoint metadata), ``describe()`` (start-up lines) and
 ``validate(step)`` (metrics on held-out data, called after every step; a task returns ``val/*`` metrics at
-its validation steps and None otherwise). A task that sets ``val_metric`` (lower is better) gets the best
-model tracking and early stopping of :mod:`rqvae.train.validation`; ``save_final(run_dir, name)`` then
-writes ``RUN/model-last`` (final) and ``RUN/model`` (best).
+its validation steps and None otherwise); ``copy_model()`` (a frozen copy for the EMA and the best model; an
+FSDP task builds a sharded twin, as FSDP modules cannot be deep-copied). A task that sets ``val_metric``
+(lower is better) gets the best model tracking and early stopping of :mod:`rqvae.train.validation`;
+``save_final(run_dir, name)`` then writes ``RUN/model-last`` (final) and ``RUN/model`` (best). A task whose
+model is sharded over the ranks (``sharded``, :mod:`rqvae.train.fsdp`) gets ``sample`` and ``save_final``
+called on every rank (they gather the weights; only rank 0's grid is written) and checkpoints written by
+every rank.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rqvae import distributed as dist
 from rqvae.config import option
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
@@ -103,6 +109,7 @@ class TrainTask:
     optimizers: dict[str, torch.optim.Optimizer]  # the first one is the main one (lr, grad_norm)
     schedulers: dict[str, Any]
     val_metric: str | None = None  # the validation metric to keep the best model by (lower is better)
+    sharded: bool = False  # the model is sharded over the ranks (FSDP)
 
     def prepare(self, info: DistInfo) -> None:
         """Build the data (before the models; a user's mistake raises UserError here)."""
@@ -118,6 +125,10 @@ class TrainTask:
         over the whole run. Returns detached tensors: ``loss/total`` and other ``loss/*`` terms (checked
         for NaN/Inf) and any other statistics to average into the logs."""
         raise NotImplementedError
+
+    def copy_model(self) -> nn.Module:
+        """A frozen copy of the model, in eval mode (the EMA weights, the best model)."""
+        return copy.deepcopy(dist.unwrap(self.model)).eval().requires_grad_(False)
 
     def active_optimizers(self, step: int) -> list[str]:
         return list(self.optimizers)

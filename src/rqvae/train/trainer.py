@@ -21,7 +21,6 @@ final one; ``--early-stop P`` ends the run after P validations in a row without 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import random
@@ -166,10 +165,10 @@ class Trainer:
         task.build(info)
         self.modules = dict(task.modules)
         if cfg.ema_decay is not None:
-            self.ema = self.modules["ema"] = ModelEMA(task.model, cfg.ema_decay)
+            self.ema = self.modules["ema"] = ModelEMA(task.model, cfg.ema_decay, module=task.copy_model())
         if task.val_metric is not None:
             self.tracker = BestTracker(task.val_metric, getattr(cfg, "early_stop", None))
-            self.best = copy.deepcopy(dist.unwrap(task.model)).eval().requires_grad_(False)
+            self.best = task.copy_model()
             self.modules["best"] = self.best
         if latest is not None:
             extra = load_checkpoint(latest, self.modules, task.optimizers, task.schedulers)
@@ -297,10 +296,10 @@ class Trainer:
             self.end = self.step
 
     def _sample(self) -> None:
-        if not self.info.is_main:
+        if not (self.info.is_main or self.task.sharded):  # a sharded model is gathered by every rank
             return
         grid = self.task.sample(self.step)
-        if grid is None:
+        if grid is None or not self.info.is_main:
             return
         self.logger.image(self.step, "samples", grid)
         if self.run_dir is not None:
@@ -310,7 +309,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoint / end
     def _save(self) -> None:
-        if self.info.is_main:
+        if self.info.is_main or self.task.sharded:  # sharded: every rank writes its pieces
             extra = {**self.task.extra_state(), "step": self.step, "nonfinite": self.guard.state_dict()}
             if self.tracker is not None:
                 extra["best"] = self.tracker.state_dict()
@@ -327,6 +326,10 @@ class Trainer:
             self._rollback = None
         if self.logger is None or not self._checkpoints_on() or self.step <= self.start_step:
             return
+        if self.task.sharded:  # every rank would have to take part, and some may be gone already
+            self.logger.info(f"interrupted at step {self.step}: a sharded (--fsdp) run continues with "
+                             f"--resume from its last periodic checkpoint in {self.run_dir / 'checkpoints'}")
+            return
         with _interrupts_deferred():
             self._save()
         self.logger.info(f"interrupted: saved step {self.step} to {self.run_dir / 'checkpoints'}; "
@@ -341,15 +344,16 @@ class Trainer:
         dist.check_same_across_ranks(task.model, task.name)  # weights and buffers agree
         if self.ema is not None:
             self.ema.copy_to(task.model)
+        saves = self.info.is_main or task.sharded  # a sharded model is gathered by every rank
         if tracker is None:
-            if self.info.is_main:
+            if saves:
                 task.save_final(self.run_dir)
         else:  # model-last/: the final weights; model/: the best on the validation data
-            if self.info.is_main:
+            if saves:
                 task.save_final(self.run_dir, "model-last")
             if tracker.best_step >= 0:
                 dist.unwrap(task.model).load_state_dict(self.best.state_dict())
-            if self.info.is_main:
+            if saves:
                 task.save_final(self.run_dir, "model")
                 self.logger.info(f"model/: the best model on the validation data (step {tracker.best_step}, "
                                  f"{tracker.metric} {tracker.best:.5g}); model-last/: step {self.step}")

@@ -51,7 +51,9 @@ from rqvae.models.discriminator import (
     hinge_d_loss,
     maybe_sync_batchnorm,
 )
-from rqvae.models.vae import RQVAE, VAE_PRESETS, RQVAEConfig
+from rqvae.models.vae import RQVAE, VAE_PRESETS, ResnetBlock, RQVAEConfig
+from rqvae.train.activations import HELP as ACTIVATIONS_HELP
+from rqvae.train.activations import checkpoint_blocks
 from rqvae.train.checkpoint import latest_checkpoint
 from rqvae.train.finetune import (
     INIT_HELP,
@@ -108,6 +110,7 @@ class TrainVAEConfig(TrainerConfig, ValidationConfig):
     lpips_vgg: str | None = option(None, "local torchvision VGG16 weights for LPIPS (.safetensors / .pt)")
     lpips_heads: str | None = option(None, "local LPIPS linear heads (the lpips package's vgg.pth)")
     num_workers: int = option(0, "data-loading processes")
+    activation_checkpointing: bool = option(False, ACTIVATIONS_HELP)
     codebook_init_batches: int = option(0, "k-means codebook initialisation (ResidualQuantizer.fit) on the "
                                            "encoder outputs of this many batches before step 0 (0: random)")
 
@@ -235,6 +238,8 @@ class VAETask(TrainTask):
             self.init_note = f"codebook initialised by k-means on the encoder outputs of {n} images " \
                              f"(MSE {mse:.5f})"
         freeze_vae(vae, self.frozen)  # before the optimizer: frozen parameters are left out of it
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(m for m in vae.modules() if isinstance(m, ResnetBlock))
         disc = PatchDiscriminator(DiscriminatorConfig(in_channels=mc.in_channels, ndf=cfg.disc_ndf,
                                                       n_layers=cfg.disc_layers)).to(device)
         self.disc = disc = maybe_sync_batchnorm(disc, device)
@@ -337,6 +342,8 @@ class VAETask(TrainTask):
         if cfg.lpips_vgg is None and cfg.perceptual_weight > 0:
             lines.append("no LPIPS weights given (--lpips-vgg, --lpips-heads): training without the "
                          "perceptual loss")
+        if cfg.activation_checkpointing:
+            lines.append("activation checkpointing: each resnet block recomputed in the backward pass")
         n_params = sum(p.numel() for p in self.model.parameters())
         lines.append(f"RQ-VAE {n_params / 1e6:.2f}M parameters, code shape {self.model.code_shape()}, "
                      f"lr {cfg.learning_rate():g}, {world_size} process(es) x batch {cfg.batch_size} "
