@@ -72,12 +72,16 @@ def runs(tmp_path_factory):
     images, labels = torch.rand(64, 3, 32, 32, generator=g) * 2 - 1, torch.arange(64) % 4
     save_file({"images": images, "labels": labels}, str(tmp / "data.safetensors"))
     base = dict(COMMON, vae=str(tmp / "vae"), data="mem", feature_cache=str(tmp / "cache"), batch_size=4)
+    ds = TensorImageDataset(images, labels)
+    single = dict(base, batch_size=8)  # one process on the global batch
+    train_ar(TrainARConfig(**dict(single, run_dir=str(tmp / "to_fsdp"), stop_after=3)), dataset=ds)
     kws = [dict(base, run_dir=str(tmp / "fsdp"), fsdp=True),
            dict(base, run_dir=str(tmp / "part"), fsdp=True, stop_after=3),
            dict(base, run_dir=str(tmp / "part"), fsdp=True, resume=True),
            dict(base, run_dir=str(tmp / "ac"), fsdp=True, activation_checkpointing=True),
            dict(base, run_dir=str(tmp / "ema"), fsdp=True, ema_decay=0.9, val_split=0.25, steps=4,
-                checkpoint_every=2, sample_every=2)]
+                checkpoint_every=2, sample_every=2),
+           dict(base, run_dir=str(tmp / "to_fsdp"), fsdp=True, resume=True)]
     (tmp / "script.py").write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(tmp / "script.py"), json.dumps(kws), str(tmp / "data.safetensors")]
@@ -85,8 +89,7 @@ def runs(tmp_path_factory):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "sharded over 2 processes" in r.stdout + r.stderr
-    ds = TensorImageDataset(images, labels)
-    return tmp, ds, dict(base, batch_size=8)
+    return tmp, ds, single
 
 
 def test_sharded_run_follows_the_single_process_loss_curve_on_the_global_batch(runs):
@@ -136,6 +139,12 @@ def test_sharded_checkpoint_resumes_in_one_process(runs, tmp_path):
     (tmp_path / "one" / "metrics.jsonl").write_text("")
     train_ar(TrainARConfig(**dict(single, run_dir=str(tmp_path / "one"), resume=True)), dataset=ds)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "one")), torch.tensor(losses(tmp / "fsdp")[3:]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_single_process_checkpoint_resumes_sharded(runs):
+    tmp = runs[0]
+    torch.testing.assert_close(torch.tensor(losses(tmp / "to_fsdp")), torch.tensor(losses(tmp / "fsdp")),
                                rtol=1e-5, atol=1e-6)
 
 
