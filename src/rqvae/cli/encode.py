@@ -21,12 +21,17 @@ from rqvae.models.vae import RQVAE
 CODES_FORMAT = "rqvae-codes/1"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_image_and_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """IMAGES... and --model: what the commands that run a tokenizer on images share."""
     parser.add_argument("images", nargs="+", help="image files or folders of images (fitted to the model's "
                                                   "square input by --resize-mode)")
     parser.add_argument("--model", required=True,
                         help="RQ-VAE model folder (config.json + model.safetensors; a run folder means "
                              "RUN/model)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_image_and_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="codes file to write (.safetensors)")
     parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="crop", help=RESIZE_HELP)
     parser.add_argument("--batch-size", type=int, default=32)

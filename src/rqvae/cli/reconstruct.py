@@ -14,18 +14,14 @@ from pathlib import Path
 
 import torch
 
-from rqvae.cli.encode import load_model
+from rqvae.cli.encode import add_image_and_model_arguments, load_model
 from rqvae.data.images import RESIZE_HELP, RESIZE_MODES, find_images, load_images, save_image
 from rqvae.errors import UserError
 from rqvae.eval.figures import coarse_to_fine, labelled_coarse_to_fine, tile_coarse_to_fine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files or folders of images (fitted to the model's "
-                                                  "square input by --resize-mode)")
-    parser.add_argument("--model", required=True,
-                        help="RQ-VAE model folder (config.json + model.safetensors; a run folder means "
-                             "RUN/model)")
+    add_image_and_model_arguments(parser)
     parser.add_argument("--depths", default=None,
                         help="comma-separated code depths, e.g. 1,2,3,4 (default: all)")
     parser.add_argument("-o", "--output", required=True, help="PNG file for the grid")

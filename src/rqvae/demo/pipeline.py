@@ -47,6 +47,15 @@ def _stage(name: str) -> None:
     print(f"\n== {name}", flush=True)
 
 
+def _timed(timings: dict[str, float], key: str, title: str, fn: Any) -> Any:
+    """Run one stage under its title and record its wall time."""
+    _stage(title)
+    t = time.time()
+    result = fn()
+    timings[key] = time.time() - t
+    return result
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,20 +66,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     test = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="test")
     net = InceptionFeatures(cfg.inception) if cfg.eval_samples > 0 else None
 
-    _stage("1/4 RQ-VAE (stage 1)")
-    t = time.time()
-    vae = train_or_load_vae(cfg, out).eval()
-    timings["vae"] = time.time() - t
-
-    _stage("2/4 classifier (for in-domain accuracy)")
-    t = time.time()
-    classifier, classifier_test_acc = train_or_load_classifier(cfg, out)
-    timings["classifier"] = time.time() - t
-
-    _stage("3/4 RQ-Transformer (stage 2, class-conditional)")
-    t = time.time()
-    ar = train_or_load_ar(cfg, out).eval()
-    timings["ar"] = time.time() - t
+    vae = _timed(timings, "vae", "1/4 RQ-VAE (stage 1)", lambda: train_or_load_vae(cfg, out).eval())
+    classifier, classifier_test_acc = _timed(timings, "classifier", "2/4 classifier (for in-domain accuracy)",
+                                             lambda: train_or_load_classifier(cfg, out))
+    ar = _timed(timings, "ar", "3/4 RQ-Transformer (stage 2, class-conditional)",
+                lambda: train_or_load_ar(cfg, out).eval())
 
     _stage("4/4 samples, figures, metrics")
     t = time.time()

@@ -26,11 +26,18 @@ def _stage(name: str) -> None:
     print(f"\n== {name}", flush=True)
 
 
+def _reuse(folder: Path, cls: Any, what: str) -> Any:
+    """The model saved in ``folder`` by an earlier run, or None when there is none yet."""
+    if not done(folder):
+        return None
+    print(f"reusing the {what} in {folder}")
+    return cls.from_pretrained(folder)
+
+
 def train_or_load_vae(cfg: DemoConfig, out: Path) -> Any:
     run = out / "vae"
-    if done(run / "model"):
-        print(f"reusing the RQ-VAE in {run / 'model'}")
-        return RQVAE.from_pretrained(run / "model")
+    if (model := _reuse(run / "model", RQVAE, "RQ-VAE")) is not None:
+        return model
     tcfg = TrainVAEConfig(
         data=cfg.data, run_dir=str(run), preset=cfg.vae_preset, model=dict(cfg.vae_model),
         image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.vae_batch_size,
@@ -47,10 +54,8 @@ def train_or_load_vae(cfg: DemoConfig, out: Path) -> Any:
 def train_or_load_classifier(cfg: DemoConfig, out: Path) -> tuple[Any, float | None]:
     folder = out / "classifier"
     test = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="test")
-    if done(folder):
-        print(f"reusing the classifier in {folder}")
-        model = Classifier.from_pretrained(folder)
-    else:
+    model = _reuse(folder, Classifier, "classifier")
+    if model is None:
         train = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="train", augment=True)
         torch.manual_seed(cfg.seed)
         model = Classifier(ClassifierConfig(
@@ -66,9 +71,8 @@ def train_or_load_classifier(cfg: DemoConfig, out: Path) -> tuple[Any, float | N
 
 def train_or_load_ar(cfg: DemoConfig, out: Path) -> Any:
     run = out / "ar"
-    if done(run / "model"):
-        print(f"reusing the RQ-Transformer in {run / 'model'}")
-        return RQTransformer.from_pretrained(run / "model")
+    if (model := _reuse(run / "model", RQTransformer, "RQ-Transformer")) is not None:
+        return model
     tcfg = TrainARConfig(
         vae=str(out / "vae" / "model"), data=cfg.data, run_dir=str(run), cond="class",
         preset=cfg.ar_preset, model=dict(cfg.ar_model), steps=cfg.ar_steps, batch_size=cfg.ar_batch_size,

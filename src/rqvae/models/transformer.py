@@ -30,8 +30,8 @@ Text models also predict the next text token from the spatial outputs at the con
 Sampling (:meth:`RQTransformer.generate`) keeps static key/value caches in both stacks (:class:`KVCache`),
 so each step runs one new token through each layer. The reference decode here (``_generate_reference``:
 ``setup_caches``, ``spatial_step``, ``decode_one_position``) uses the blocks above; the optimised one in
-:mod:`rqvae.models.generate_fast` packs the same weights for speed, and tests/models/test_generate.py keeps the two
-drawing identical codes.
+:mod:`rqvae.models.generate_fast` packs the same weights for speed, and tests/models/test_generate.py
+keeps the two drawing identical codes.
 """
 
 from __future__ import annotations

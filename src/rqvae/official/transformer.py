@@ -11,8 +11,8 @@ hold, so conversion needs that RQ-VAE (ours or an official folder). Name map (of
       (shared_cls_emb false: linear is a BatchLinear, weight (D, C, K) -> our DepthLinear (D, K, C))
     cond_classifier.{layer_norm, linear} (text models)                  -> text_head.{ln, linear}
 
-Our forward reproduces the official logits to ~1e-6 (tests/official/test_official_transformer.py), which settled
-two details: input_mlp is applied to each depth's embedding before the sum over depth, and head_mlp is
+Our forward reproduces the official logits to ~1e-6 (tests/official/test_official_transformer.py), which
+settled two details: input_mlp is applied to each depth's embedding before the sum over depth, and head_mlp is
 applied after the cumulative sum over depth.
 
 Architecture options (official name -> ours): ``head.block.n_head`` -> n_depth_heads, ``attn_bias`` /
