@@ -36,7 +36,7 @@ class DemoConfig:
     vae_codebook_init: int = option(8, "k-means codebook initialisation on the encoder outputs of this many "
                                        "batches (0: random init)")
     # ---- the classifier that judges samples
-    classifier_steps: int = option(1200, "classifier optimizer steps")
+    classifier_steps: int = option(600, "classifier optimizer steps")
     classifier_batch_size: int = option(128, "classifier batch size")
     classifier_width: int = option(32, "classifier width (channels of its first stage)")
     classifier_blocks: int = option(2, "conv blocks per classifier stage")
@@ -56,7 +56,8 @@ class DemoConfig:
     top_k: int | None = option(None, "top-k sampling (default: off)")
     top_p: float | None = option(None, "top-p sampling (default: off)")
     temperature: float = option(1.0, "sampling temperature")
-    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)")
+    cfg_scale: float = option(3.0, "classifier-free guidance scale (1: off; 3 measured best for class "
+                                   "accuracy, see docs/demo.md)")
     fig5_images: int = option(8, "test images in the coarse-to-fine figure")
     seed: int = option(0, "random seed")
     bf16: bool = option(False, "bf16 autocast where it is fast (CUDA, AMX CPUs); measured no better here, "
