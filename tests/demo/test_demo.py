@@ -34,7 +34,8 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     cfg = DemoConfig(
         out=str(tmp_path / "demo"), data=str(data), image_size=32, channels=1,
         vae_preset="tiny", vae_steps=6, vae_batch_size=16,
-        ar_preset="tiny", ar_steps=6, ar_batch_size=16, classifier_steps=10, classifier_width=8,
+        ar_preset="tiny", ar_model=dict(cfg_dropout=0.1), ar_steps=6, ar_batch_size=16,  # a null class: CFG
+        classifier_steps=10, classifier_width=8,
         classifier_batch_size=16,
         samples_per_class=2, eval_samples=12, fid_ref_count=24, fig5_images=3, progress=False,
     )
