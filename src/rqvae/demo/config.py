@@ -28,7 +28,7 @@ class DemoConfig:
     vae_preset: str = option("fmnist32-8x8x4", "RQ-VAE preset (rqvae.models.vae.VAE_PRESETS)")
     vae_model: dict[str, Any] = option(help="RQVAEConfig fields over the preset", flag="--vae-model-config",
                                        factory=dict)
-    vae_steps: int = option(1200, "RQ-VAE optimizer steps")
+    vae_steps: int = option(900, "RQ-VAE optimizer steps")
     vae_batch_size: int = option(32, "RQ-VAE batch size")
     vae_lr: float = option(8e-4, "RQ-VAE learning rate (cosine decay)")
     vae_disc_weight: float = option(0.0, "adversarial loss weight (0: no GAN; without a perceptual loss "
