@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm.auto import tqdm
 
 from rqvae import distributed as dist
 from rqvae.data.cache import cache_dir as cache_dir_for
 from rqvae.data.cache import data_fingerprint, dataset_files, dataset_length  # noqa: F401  dataset_files: API
 from rqvae.data.loader import collate
 from rqvae.errors import UserError
+from rqvae.progress import progress as progress_output
 
 FEATURES_NAME = "features.safetensors"
 META_NAME = "meta.json"
@@ -131,8 +131,7 @@ def compute_features(vae: torch.nn.Module, ds: Any, batch_size: int = 64, flip: 
                         "built by a single process: run train-ar once without torchrun with --steps 0 first")
     device = torch.device(device)
     use_amp = bf16 and device.type in ("cpu", "cuda")
-    bar = tqdm(total=dataset_length(ds), desc="caching encoder features", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_output(dataset_length(ds), "caching encoder features", progress, unit="img")
     for batch in _loader(ds, batch_size):
         images = batch["image"].to(device)  # (B, C, S, S) in [-1, 1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from rqvae.data.loader import collate
 from rqvae.errors import UserError
+from rqvae.progress import progress_iter
 
 
 def subset_indices(n: int, count: int | None, seed: int = 0) -> list[int]:
@@ -56,6 +56,7 @@ def _counted(batches: Iterable[Any], counter: list[int]) -> Iterator[Any]:
 
 
 def progress_bar(batches: Iterable[Any], total: int | None, desc: str, enabled: bool) -> Iterable[Any]:
+    """``batches`` with progress output (a bar on a terminal, a plain line every 30 s elsewhere)."""
     if not enabled:
         return batches
-    return tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True)
+    return progress_iter(batches, total, desc, unit="batch")

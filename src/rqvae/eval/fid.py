@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,9 @@ def stats_distance(a: FeatureStats, b: FeatureStats, net: nn.Module) -> float:
     a.load_into(metric, real=True)
     b.load_into(metric, real=False)
     metric.orig_dtype = torch.float32  # set by torchmetrics' update(), which loaded statistics skip
-    return float(metric.compute())
+    with warnings.catch_warnings():  # "compute before update": the statistics were loaded, not updated
+        warnings.simplefilter("ignore", UserWarning)
+        return float(metric.compute())
 
 
 def fid_floor(spec: str, split: str, count: int, reference: FeatureStats, net: InceptionFeatures,

@@ -13,9 +13,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import torch
+
+from rqvae.progress import PlainProgress
 
 log = logging.getLogger("rqvae.train.logger")
 
@@ -30,35 +32,6 @@ def _trim_metrics(path: Path, start_step: int) -> None:
         except json.JSONDecodeError:  # a line torn by a kill
             continue
     path.write_text("".join(s + "\n" for s in kept))
-
-
-class PlainProgress:
-    """A progress report for non-terminals: one line every ``interval`` seconds (and at :meth:`close`)."""
-
-    def __init__(self, total: int, initial: int, desc: str, stream: IO[str], interval: float) -> None:
-        self.total, self.n, self.desc, self.stream, self.interval = total, initial, desc, stream, interval
-        self.loss: float | None = None
-        self.loss_source: Any = None  # a callable returning the running loss (or None), read per line
-        self._t_last, self._n_last, self._n_shown = time.perf_counter(), initial, None
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if time.perf_counter() - self._t_last >= self.interval:
-            self._line()
-
-    def _line(self) -> None:
-        now = time.perf_counter()
-        rate = (self.n - self._n_last) / max(now - self._t_last, 1e-9)
-        running = self.loss_source() if self.loss_source is not None else None
-        self.loss = self.loss if running is None else running
-        loss = "" if self.loss is None else f" loss {self.loss:.4g}"
-        self.stream.write(f"{self.desc} step {self.n}/{self.total}{loss} {rate:.3g} it/s\n")
-        self.stream.flush()
-        self._t_last, self._n_last, self._n_shown = now, self.n, self.n
-
-    def close(self) -> None:
-        if self._n_shown != self.n:
-            self._line()
 
 
 class Logger:
