@@ -22,6 +22,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from rqvae.cli import main  # noqa: E402
 from rqvae.data import FMNIST_CLASSES  # noqa: E402
 from rqvae.errors import UserError  # noqa: E402
+from rqvae.models.classifier import Classifier, ClassifierConfig  # noqa: E402
 from rqvae.models.transformer import AR_PRESETS, RQTransformer  # noqa: E402
 from rqvae.models.vae import RQVAE  # noqa: E402
 from rqvae.serve.app import create_app  # noqa: E402
@@ -30,8 +31,9 @@ from rqvae.serve.models import find_model_dirs, load_models  # noqa: E402
 
 
 def build_models(root: Path) -> Path:
-    """A `make demo`-like folder: root/vae/model (RQ-VAE) and root/ar/model (class RQ-Transformer with a null
-    class, trained on "fmnist" per its train_config.json), plus root/text (a text model) and root/uncond."""
+    """A `make demo`-like folder: root/vae/model (RQ-VAE), root/ar/model (class RQ-Transformer with a null
+    class, trained on "fmnist" per its train_config.json) and root/classifier, plus root/text (a text model)
+    and root/uncond."""
     torch.manual_seed(0)
     vae = RQVAE.from_preset("tiny", image_size=16)  # K 64, n_z 16, depth 4; 4x4x4 codes <-> 16x16 RGB
     vae.save_pretrained(root / "demo" / "vae" / "model")
@@ -39,6 +41,8 @@ def build_models(root: Path) -> Path:
     small = replace(AR_PRESETS["tiny"], code_shape=(4, 4, 4), vocab_size=64, embed_dim=16)
     RQTransformer(replace(small, cfg_dropout=0.1), codebook=cb).save_pretrained(root / "demo/ar/model")
     (root / "demo" / "ar" / "train_config.json").write_text(json.dumps({"data": "fmnist"}))
+    Classifier(ClassifierConfig(in_channels=3, num_classes=10, width=4)).save_pretrained(
+        root / "demo" / "classifier")  # the demo's classifier sits beside the models: not served, no error
     RQTransformer(replace(small, cond_type="uncond"), codebook=cb).save_pretrained(root / "uncond")
 
     from rqvae.data.text import save_tokenizer, train_tokenizer

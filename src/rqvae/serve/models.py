@@ -64,6 +64,8 @@ def find_model_dirs(paths: list[str | Path]) -> tuple[Path, Path | None]:
             raise UserError(f"{path} does not exist; pass a model folder, a run folder "
                             "or a `make demo` folder")
         folders = _model_folders(path)
+        if path not in folders and path / "model" not in folders:  # runs in a folder: other models are
+            folders = [f for f in folders if _model_type(f) in found]  # skipped (the demo's classifier)
         if not folders:
             raise UserError(f"{path} holds no model: expected config.json (model_type rqvae or "
                             "rqtransformer), RUN/model, or a `make demo` folder such as runs/demo "
