@@ -1,4 +1,4 @@
-"""Official RQ-Transformer checkpoints (tests/fixtures/official) -> RQTransformer, checked against the
+"""Official RQ-Transformer checkpoints (tests/data/official) -> RQTransformer, checked against the
 official logits computed from the same weights."""
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from rqvae.data import TensorImageDataset
 from rqvae.train.checkpoint import latest_checkpoint
 from rqvae.train.guard import NonFiniteLossError
 from rqvae.train.vae import TrainVAEConfig, train_vae
+from tests.helpers.images import write_pngs
 
 STEPS = 12
 ARGS = ["--preset", "tiny", "--model-config", '{"ch": 16, "codebook_size": 32}', "--image-size", "16",
@@ -27,15 +28,6 @@ ARGS = ["--preset", "tiny", "--model-config", '{"ch": 16, "codebook_size": 32}',
 # The child slows every fsync down, so that saves take long enough to be killed in the middle.
 CHILD = ("import os, sys, time; _f = os.fsync; os.fsync = lambda fd: (time.sleep(0.03), _f(fd))[1]; "
          "from rqvae.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
-def write_pngs(folder, n=16, size=16, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        base = rng.integers(0, 256, size=(1, 1, 3))
-        noise = rng.integers(-40, 40, size=(size, size, 3))
-        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
 
 
 def _tmp_dirs(ck):

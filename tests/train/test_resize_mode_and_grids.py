@@ -8,7 +8,6 @@ from PIL import Image
 
 from rqvae.distributed import DistInfo
 from rqvae.eval.figures import coarse_to_fine_grid, labelled_coarse_to_fine_grid
-from rqvae.models.vae import RQVAE
 from rqvae.train import ar_cond
 from rqvae.train.ar import ARTask, TrainARConfig
 from rqvae.train.vae import TrainVAEConfig, VAETask
@@ -31,14 +30,6 @@ def write_tall_images(folder, n=8, seed=0):
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tall")
     return write_tall_images(root / "train"), write_tall_images(root / "val", seed=1)
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("vae") / "model"
-    RQVAE.from_preset("tiny").save_pretrained(d)
-    return d
 
 
 @pytest.mark.parametrize("mode", ["crop", "pad"])

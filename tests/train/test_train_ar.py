@@ -20,14 +20,6 @@ N_IMAGES = 64
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("vae") / "model"
-    RQVAE.from_preset("tiny").save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def images():
     """64 tiny 32x32 RGB images in 4 classes: a bright square in a class-dependent corner."""
     g = torch.Generator().manual_seed(0)

@@ -7,13 +7,12 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from rqvae.models.vae import RQVAE
 from rqvae.train.vae import TrainVAEConfig, train_vae
+from tests.helpers.images import write_pngs
 
 COMMON = dict(preset="tiny", image_size=16, lr=1e-3, steps=4, disc_ndf=16, log_every=2, checkpoint_every=2,
               sample_every=0, progress=False, tensorboard=False, device="cpu")
@@ -38,15 +37,6 @@ SCRIPT = textwrap.dedent("""
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{kw['run_dir']}.rank{rank}")
     distributed.cleanup()
 """)
-
-
-def write_pngs(folder, n=16, size=16, seed=0):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        base = rng.integers(0, 256, size=(1, 1, 3))
-        noise = rng.integers(-40, 40, size=(size, size, 3))
-        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
 
 
 def test_two_process_gloo_runs_agree_across_ranks_and_with_one_process(tmp_path):
