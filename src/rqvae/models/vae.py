@@ -83,7 +83,7 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
     # (0.81M parameters, 0.59 GFLOP per image per training step; ch=32, ch_mult=(1, 2, 2) costs 2.2x more).
     "fmnist32-8x8x4": dict(image_size=32, in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
                            attn_resolutions=(8,), z_channels=64, embed_dim=64, codebook_size=256, depth=4),
-    # Tests: the same architecture as tests/fixtures/official/rqvae_tiny.
+    # Tests: the same architecture as tests/data/official/rqvae_tiny.
     "tiny": dict(image_size=32, in_channels=3, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
                  attn_resolutions=(8,), z_channels=32, embed_dim=16, codebook_size=64, depth=4),
 }
