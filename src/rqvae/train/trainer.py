@@ -69,7 +69,8 @@ def _interrupts_deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's kill) raises KeyboardInterrupt, so that it too ends with a checkpoint."""
+    """SIGTERM (a scheduler's kill) and SIGINT raise KeyboardInterrupt, so that both end with a checkpoint
+    (SIGINT also when the process inherited it as ignored, as background jobs of a script do)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -77,11 +78,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _rng_states() -> tuple[Any, ...]:
