@@ -69,12 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(n))")
 
 
-def load_vae(path: str | Path):
-    """Our RQ-VAE folder (or a run holding model/: from_pretrained resolves it), or an official one
-    (model.pt + config.yaml, converted in memory)."""
-    return load_rqvae(path)
-
-
 def build_conditions(model, args: argparse.Namespace, model_dir: Path) -> torch.Tensor | None:
     """(n,) class ids, (n, L) text ids, or None (unconditional)."""
     c = model.config
@@ -114,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model_dir = resolve_model_dir(args.model)
     model = RQTransformer.from_pretrained(model_dir, map_location=device).eval()
-    vae = load_vae(args.vae).to(device).eval()
+    vae = load_rqvae(args.vae).to(device).eval()  # ours, a run, or an official folder
     check_pair(vae, model)
     if args.cfg_scale != 1:
         _ = model.config.null_id  # a model without a null condition: its one-line error before sampling
