@@ -12,6 +12,12 @@ from rqvae.models.sampling import Sampler
 from rqvae.models.transformer import RQTransformer
 from tests.helpers.ar_fixtures import VARIANTS, cond_for, make
 
+# variants beyond the shared ones in tests/helpers/ar_fixtures.py
+MORE_VARIANTS = {
+    "per-stack-blocks": dict(attn_bias=False, depth_attn_bias=True, depth_mlp_bias=False,
+                             depth_gelu="sigmoid"),
+}
+ALL_VARIANTS = {**VARIANTS, **MORE_VARIANTS}
 CASES = [("class", 1.0), ("uncond", 1.0), ("text", 1.0), ("class", 3.0), ("text", 2.0)]
 
 
@@ -42,9 +48,9 @@ def test_seeded_sampling_draws_identical_codes(cond_type, cfg_scale):
     assert not torch.equal(ref, greedy)  # really sampled
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_architecture_variants_draw_identical_codes(variant):
-    model = make("class", cfg_dropout=0.1, **VARIANTS[variant])
+    model = make("class", cfg_dropout=0.1, **ALL_VARIANTS[variant])
     ref, fast = both(model, cond_for(model, 3), 3, top_k=1, cfg_scale=2.0)
     assert torch.equal(ref, fast)
     ref, fast = both(model, cond_for(model, 4), 4, temperature=1.2, top_k=8)
@@ -66,10 +72,10 @@ class ForcedSampler(Sampler):
 
 
 @pytest.mark.parametrize("cond_type,variant", [("class", None), ("uncond", None), ("text", None)]
-                         + [("class", v) for v in VARIANTS])
+                         + [("class", v) for v in ALL_VARIANTS])
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_cached_logits_equal_the_full_forward_pass(cond_type, variant, impl):
-    model = make(cond_type, **VARIANTS.get(variant, {}))
+    model = make(cond_type, **ALL_VARIANTS.get(variant, {}))
     B, (H, W, D) = 2, model.config.code_shape
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, model.config.vocab_size, (B, H, W, D), generator=g)

@@ -51,3 +51,26 @@ def test_null_condition_error_names_the_fix():
     with pytest.raises(UserError) as err:
         _ = RQTransformerConfig(cond_type="class").null_id
     assert "--cfg-scale 1" in str(err.value) and "--cond-dropout 0.1 (train-ar)" in str(err.value)
+
+
+def test_config_json_without_depth_block_fields_loads_with_the_spatial_options(tmp_path):
+    make("class", attn_bias=False, gelu="sigmoid").save_pretrained(tmp_path / "ar")
+    path = tmp_path / "ar" / "config.json"
+    saved = json.loads(path.read_text())
+    for k in ("depth_attn_bias", "depth_mlp_bias", "depth_gelu"):  # as written before the fields existed
+        del saved[k]
+    path.write_text(json.dumps(saved))
+    model = RQTransformer.from_pretrained(tmp_path / "ar")
+    depth_block = model.depth_blocks[0]
+    assert depth_block.attn.query.bias is None and depth_block.mlp[0].bias is not None
+    assert depth_block.mlp[1].kind == "sigmoid"
+
+
+def test_depth_stack_has_its_own_biases_and_gelu():
+    model = make("class", depth_attn_bias=True, depth_mlp_bias=False, depth_gelu="sigmoid", attn_bias=False)
+    spatial, depth = model.spatial_blocks[0], model.depth_blocks[0]
+    assert spatial.attn.query.bias is None and depth.attn.query.bias is not None
+    assert spatial.mlp[0].bias is not None and depth.mlp[0].bias is None
+    assert (spatial.mlp[1].kind, depth.mlp[1].kind) == ("exact", "sigmoid")
+    with pytest.raises(UserError, match="depth_gelu"):
+        replace(TINY, depth_gelu="tanh")

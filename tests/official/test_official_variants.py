@@ -36,19 +36,31 @@ OPTIONS = {
     "learned-head-per-depth": dict(body_heads=2, head_heads=2, bias=True, gelu="v1", cumsum=True,
                                    shared_cls=False, shared_codebook=True, head_vqvae=False,
                                    shared_tok=False),
+    # the head (depth) stack with its own biases and GELU (the official code builds each stack from its block)
+    "per-stack-blocks": dict(body_heads=4, head_heads=2, bias=True, gelu="v1", cumsum=True, shared_cls=True,
+                             shared_codebook=True, head_attn_bias=False, head_gelu="v2"),
+    "per-stack-mlp-bias": dict(body_heads=2, head_heads=2, bias=False, gelu="v2", cumsum=False,
+                               shared_cls=False, shared_codebook=True, head_mlp_bias=True, head_gelu="v1"),
 }
 
 
+def stack_options(o: dict, stack: str) -> dict:
+    """attn_bias, mlp_bias, gelu of the official "body" or "head" stack."""
+    opts = dict(attn_bias=o["bias"], mlp_bias=o["bias"], gelu=o["gelu"])
+    if stack == "head":
+        opts.update({k: o[f"head_{k}"] for k in opts if f"head_{k}" in o})
+    return opts
+
+
 def official_arch(o: dict) -> dict:
-    def stack(n_layer, heads):
-        return {"n_layer": n_layer, "block": {"embed_dim": C, "n_head": heads, "mlp_bias": o["bias"],
-                                              "attn_bias": o["bias"], "gelu": o["gelu"]}}
+    def stack(n_layer, heads, name):
+        return {"n_layer": n_layer, "block": {"embed_dim": C, "n_head": heads, **stack_options(o, name)}}
     return {"type": "rq-transformer", "vocab_size": K, "block_size": [H, W, D], "vocab_size_cond": 5,
             "block_size_cond": L, "embed_dim": C, "input_embed_dim": NZ,
             "input_emb_vqvae": o.get("input_vqvae", True), "head_emb_vqvae": o.get("head_vqvae", True),
             "cumsum_depth_ctx": o["cumsum"], "shared_tok_emb": o.get("shared_tok", False),
-            "shared_cls_emb": o["shared_cls"], "body": stack(2, o["body_heads"]),
-            "head": stack(2, o["head_heads"]),
+            "shared_cls_emb": o["shared_cls"], "body": stack(2, o["body_heads"], "body"),
+            "head": stack(2, o["head_heads"], "head"),
             **{k: o[k] for k in ("scaled_head_emb_vqvae", "use_padding_emb") if k in o}}
 
 
@@ -71,13 +83,14 @@ def official_state(o: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
     else:  # BatchLinear: weight (D, in, out), bias (D, out)
         sd.update({"classifier.linear.weight": r(D, C, K), "classifier.linear.bias": r(D, K)})
     for stack in ("body_transformer", "head_transformer"):
+        opts = stack_options(o, stack[:4])
         for i in range(2):
             p = f"{stack}.blocks.{i}."
             shapes = {"attn.query": (C, C), "attn.key": (C, C), "attn.value": (C, C), "attn.proj": (C, C),
                       "mlp.0": (4 * C, C), "mlp.2": (C, 4 * C)}
             for name, shape in shapes.items():
                 sd[p + name + ".weight"] = r(*shape)
-                if o["bias"]:
+                if opts["attn_bias" if name.startswith("attn") else "mlp_bias"]:
                     sd[p + name + ".bias"] = r(shape[0])
             for ln in ("ln1", "ln2"):
                 sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + r(C), r(C)
@@ -109,7 +122,6 @@ def tok_emb(o, sd, xs):
 
 def official_logits(o, sd, books, codes, cond):
     """books (D, K, n_z): depth d's codes embed with books[d] (all equal for a shared codebook)."""
-    gelu = o["gelu"]
     xs = codes.view(B, H * W, D)
     emb = None  # (B, T, D, n_z); no codebook for learned embeddings on both sides
     if books is not None:
@@ -118,14 +130,14 @@ def official_logits(o, sd, books, codes, cond):
     x = torch.cat([sd["cond_emb.weight"][cond][:, None] + sd["pos_emb_cond"],
                    (x_in.sum(2) + sd["pos_emb_hw"])[:, :-1]], dim=1)
     for i in range(2):
-        x = block(x, sd, f"body_transformer.blocks.{i}.", o["body_heads"], gelu)
+        x = block(x, sd, f"body_transformer.blocks.{i}.", o["body_heads"], o["gelu"])
     if o.get("head_vqvae", True):
         ctx = linear(emb.cumsum(2) if o["cumsum"] else emb, sd, "head_mlp")  # (B, T, D, C)
     else:
         ctx = tok_emb(o, sd, xs)  # no cumulative sum over learned embeddings
     v = (torch.cat([x[:, L - 1:, None], ctx[:, :, :-1]], dim=2) + sd["pos_emb_d"]).view(B * H * W, D, C)
     for i in range(2):
-        v = block(v, sd, f"head_transformer.blocks.{i}.", o["head_heads"], gelu)
+        v = block(v, sd, f"head_transformer.blocks.{i}.", o["head_heads"], stack_options(o, "head")["gelu"])
     v = F.layer_norm(v, (C,), sd["classifier.layer_norm.weight"], sd["classifier.layer_norm.bias"])
     if o["shared_cls"]:
         return linear(v, sd, "classifier.linear").view(B, H * W, D, K)

@@ -90,11 +90,11 @@ class RQTransformer(PretrainedMixin, nn.Module):
         if c.learned_tok_emb:  # learned code embeddings, rows d*K..d*K+K-1 for depth d if per depth
             self.tok_emb = nn.Embedding(c.vocab_size * (D if c.per_depth_tok_emb else 1), c.width)
         self.drop = nn.Dropout(c.dropout)
-        kw = dict(attn_bias=c.attn_bias, mlp_bias=c.mlp_bias, gelu=c.gelu)
-        self.spatial_blocks = nn.ModuleList(
-            Block(c.width, c.n_heads, c.attn_dropout, c.dropout, **kw) for _ in range(c.n_spatial_layers))
+        drop = (c.attn_dropout, c.dropout)
+        self.spatial_blocks = nn.ModuleList(  # biases and GELU per stack
+            Block(c.width, c.n_heads, *drop, **c.block_options("spatial")) for _ in range(c.n_spatial_layers))
         self.depth_blocks = nn.ModuleList(
-            Block(c.width, c.depth_heads, c.attn_dropout, c.dropout, **kw) for _ in range(c.n_depth_layers))
+            Block(c.width, c.depth_heads, *drop, **c.block_options("depth")) for _ in range(c.n_depth_layers))
         self.head = OutputHead(c.width, c.vocab_size, depth=D if c.per_depth_head else None)
         self.text_head = OutputHead(c.width, c.text_vocab_size) if c.cond_type == "text" else None
         if self.codebook.device.type != "meta":  # nothing to initialise when only counting parameters

@@ -33,6 +33,10 @@ class RQTransformerConfig:
     attn_bias: bool = True  # biases of the attention's query, key, value and output projections
     mlp_bias: bool = True  # biases of the MLP's two linear layers
     gelu: str = "exact"  # MLP activation, one of GELUS
+    # the depth stack's own biases / activation (None: the same as the spatial stack's above)
+    depth_attn_bias: bool | None = None
+    depth_mlp_bias: bool | None = None
+    depth_gelu: str | None = None
     cumsum_depth: bool = True  # depth input d: head_mlp(sum_{d' < d} e(S_d')), else head_mlp(e(S_{d-1}))
     per_depth_head: bool = False  # one output Linear per depth (LayerNorm shared) instead of one for all
     per_depth_codebooks: bool = False  # the RQ-VAE has one codebook per depth: codebook (D, K, n_z)
@@ -56,8 +60,9 @@ class RQTransformerConfig:
         for name in ("input_emb", "depth_emb"):
             if getattr(self, name) not in CODE_EMBS:
                 raise UserError(f"{name} must be one of {CODE_EMBS}, got {getattr(self, name)!r}")
-        if self.gelu not in GELUS:
-            raise UserError(f"gelu must be one of {GELUS}, got {self.gelu!r}")
+        if self.gelu not in GELUS or self.depth_gelu not in (*GELUS, None):
+            raise UserError(f"gelu and depth_gelu must be one of {GELUS} (depth_gelu also None: as gelu), "
+                            f"got {self.gelu!r}, {self.depth_gelu!r}")
         if self.cond_type == "class" and self.num_classes < 1:
             raise UserError("a class-conditional model needs num_classes >= 1")
         if self.cond_type == "text" and self.text_vocab_size < 1:
@@ -87,6 +92,14 @@ class RQTransformerConfig:
     def depth_heads(self) -> int:
         """Heads of the depth transformer."""
         return self.n_heads if self.n_depth_heads is None else self.n_depth_heads
+
+    def block_options(self, stack: str) -> dict[str, bool | str]:
+        """Biases and activation of the blocks of ``stack`` ("spatial" or "depth"): Block keyword args."""
+        spatial = dict(attn_bias=self.attn_bias, mlp_bias=self.mlp_bias, gelu=self.gelu)
+        if stack == "spatial":
+            return spatial
+        own = dict(attn_bias=self.depth_attn_bias, mlp_bias=self.depth_mlp_bias, gelu=self.depth_gelu)
+        return {k: spatial[k] if v is None else v for k, v in own.items()}
 
     @property
     def codebook_shape(self) -> tuple[int, ...]:

@@ -15,11 +15,12 @@ Our forward reproduces the official logits to ~1e-6 (tests/official/test_officia
 settled two details: input_mlp is applied to each depth's embedding before the sum over depth, and head_mlp is
 applied after the cumulative sum over depth.
 
-Architecture options (official name -> ours): ``head.block.n_head`` -> n_depth_heads, ``attn_bias`` /
-``mlp_bias`` -> attn_bias / mlp_bias, ``gelu`` v1 (exact erf GELU) / v2 (``x * sigmoid(1.702 x)``) -> gelu
-"exact" / "sigmoid", ``cumsum_depth_ctx`` -> cumsum_depth, ``shared_cls_emb: false`` -> per_depth_head, an
-RQ-VAE with ``shared_codebook: false`` -> per_depth_codebooks. ``scaled_head_emb_vqvae``, ``use_padding_emb``
-and ``ar_hierarchy`` are declared by the official config but read by no model code, so any value converts.
+Architecture options (official name -> ours): ``body.block.{attn_bias, mlp_bias}`` -> attn_bias / mlp_bias,
+``gelu`` v1 (exact erf GELU) / v2 (``x * sigmoid(1.702 x)``) -> gelu "exact" / "sigmoid"; the ``head.block``
+values (and ``n_head``) -> depth_attn_bias / depth_mlp_bias / depth_gelu / n_depth_heads where they differ;
+``cumsum_depth_ctx`` -> cumsum_depth, ``shared_cls_emb: false`` -> per_depth_head, an RQ-VAE with
+``shared_codebook: false`` -> per_depth_codebooks. ``scaled_head_emb_vqvae``, ``use_padding_emb`` and
+``ar_hierarchy`` are declared by the official config but read by no model code, so any value converts.
 Missing options take the official defaults. Dropout rates act only in training: the body's ``resid_pdrop`` /
 ``attn_pdrop`` become ours; the head stack's own rates and ``embd_pdrop`` are not kept.
 """
@@ -34,7 +35,7 @@ import torch
 from rqvae.errors import UserError
 from rqvae.models.hub import load_state_dict_checked
 from rqvae.models.transformer import RQTransformer, RQTransformerConfig
-from rqvae.official.load import check_supported, load_official
+from rqvae.official.load import load_official
 from rqvae.official.vae import load_rqvae
 
 # options the official model code declares but never reads (any value builds the same network)
@@ -45,8 +46,8 @@ _GELU = {"v1": "exact", "v2": "sigmoid"}  # official AttentionBlockConfig.gelu -
 def _block_options(arch: dict[str, Any]) -> dict[str, Any]:
     """Options of the official ``body`` / ``head`` stacks -> RQTransformerConfig fields.
 
-    The official code builds each stack from its own block config; our blocks share the biases and the
-    GELU, so those must agree between the stacks, while the head count may differ (n_depth_heads).
+    The official code builds each stack from its own block config: the head stack's head count, biases and
+    GELU become the depth_* fields when they differ from the body's (None: the same).
     """
     width = int(arch["embed_dim"])
     blocks = {name: {"mlp_bias": True, "attn_bias": True, "gelu": "v1", "embed_dim": width,
@@ -58,13 +59,15 @@ def _block_options(arch: dict[str, Any]) -> dict[str, Any]:
         if b["gelu"] not in _GELU:
             raise UserError(f"official config {name}.block.gelu={b['gelu']!r} is not one of {sorted(_GELU)}; "
                             "the official code rejects it too")
-    for k in ("mlp_bias", "attn_bias", "gelu"):
-        check_supported(f"head.block.{k}", blocks["head"][k], blocks["body"][k])
     body, head = blocks["body"], blocks["head"]
-    depth_heads = int(head["n_head"]) if int(head["n_head"]) != int(body["n_head"]) else None
-    return dict(n_heads=int(body["n_head"]), n_depth_heads=depth_heads,
+
+    def own(key: str, convert=bool) -> Any:  # the head stack's value where it differs from the body's
+        return convert(head[key]) if convert(head[key]) != convert(body[key]) else None
+
+    return dict(n_heads=int(body["n_head"]), n_depth_heads=own("n_head", int),
                 attn_bias=bool(body["attn_bias"]), mlp_bias=bool(body["mlp_bias"]),
-                gelu=_GELU[body["gelu"]], dropout=float(body.get("resid_pdrop", 0.1)),
+                gelu=_GELU[body["gelu"]], depth_attn_bias=own("attn_bias"), depth_mlp_bias=own("mlp_bias"),
+                depth_gelu=own("gelu", _GELU.get), dropout=float(body.get("resid_pdrop", 0.1)),
                 attn_dropout=float(body.get("attn_pdrop", 0.0)))
 
 
