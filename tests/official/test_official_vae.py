@@ -103,8 +103,9 @@ def _copy(tmp_path: Path, edit=None) -> Path:
     (lambda c: c["arch"]["hparams"].update(latent_shape=[4, 4, 64]), "regroup latent positions"),
     (lambda c: c["arch"]["hparams"].update(n_embed=32), "config expects \\(33, 16\\)"),
     (lambda c: c["arch"]["ddconfig"].update(ch=64), "does not match its config"),
-    (lambda c: c["arch"]["hparams"].update(shared_codebook=False, n_embed=[64, 64, 32, 32]),
-     "n_embed=\\[64, 64, 32, 32\\] differs between depths"),
+    (lambda c: c["arch"]["hparams"].update(n_embed=[64, 64, 32, 32]),  # shared_codebook true
+     "n_embed=\\[64, 64, 32, 32\\] differs between depths with shared_codebook true; the official code"),
+    (lambda c: c["arch"]["hparams"].update(shared_codebook=False, n_embed=[64, 64, 64]), "3 sizes for 4"),
 ])
 def test_bad_configs_exit_2(tmp_path, capsys, edit, message):
     src = _copy(tmp_path, edit)

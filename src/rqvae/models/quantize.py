@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from rqvae.distributed import get_world_size, sample_rows_global
 from rqvae.errors import UserError
+from rqvae.models.quantize_books import book_sizes, check_codes, check_vectors, code_norms, valid_rows
 from rqvae.models.quantize_fit import CHUNK_ELEMENTS as _CHUNK_ELEMENTS
 from rqvae.models.quantize_fit import argmin_rows, fit_codebooks
 
@@ -75,6 +76,8 @@ class ResidualQuantizer(nn.Module):
         codebook_size: codes per codebook ``K``.
         depth: number of codes per vector ``D``.
         shared_codebook: one codebook for all depths (paper default) or one per depth.
+        codebook_sizes: without a shared codebook, optionally a size K_d per depth (max = codebook_size);
+            the books are stored padded to K rows (see :mod:`rqvae.models.quantize_books`).
         ema_decay: decay ``gamma`` of the EMA statistics (official 0.99).
         eps: Laplace smoothing of the EMA counts (official 1e-5).
         restart_dead_codes: restart codes whose EMA count falls below the threshold.
@@ -94,7 +97,7 @@ class ResidualQuantizer(nn.Module):
     def __init__(self, dim: int, codebook_size: int, depth: int, shared_codebook: bool = True,
                  ema_decay: float = 0.99, eps: float = 1e-5, restart_dead_codes: bool = True,
                  dead_code_threshold: float = 0.1, dead_code_relative: bool = True,
-                 commitment_reduction: str = "mean") -> None:
+                 commitment_reduction: str = "mean", codebook_sizes: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if dim < 1 or codebook_size < 1 or depth < 1:
             raise UserError(f"ResidualQuantizer needs dim, codebook_size and depth >= 1, got "
@@ -108,14 +111,20 @@ class ResidualQuantizer(nn.Module):
         self.depth = depth
         self.shared_codebook = shared_codebook
         self.n_books = 1 if shared_codebook else depth
+        self.book_sizes = book_sizes(codebook_size, depth, shared_codebook, codebook_sizes)  # rows per book
         self.ema_decay = ema_decay
         self.eps = eps
         self.restart_dead_codes = restart_dead_codes
         self.dead_code_threshold = dead_code_threshold
         self.dead_code_relative = dead_code_relative
         self.commitment_reduction = commitment_reduction
-        # N(0, 1) like the official nn.Embedding; rows never used keep it until restarted.
-        self.register_buffer("codebook", torch.randn(self.n_books, codebook_size, dim))
+        self.register_buffer("valid", valid_rows(self.book_sizes, codebook_size), persistent=False)
+        # K / K_b (1 without padding): turns a mean over a book's K rows into the mean over its K_b used rows
+        self.register_buffer("pad_scale", torch.tensor([[codebook_size / k] for k in self.book_sizes]),
+                             persistent=False)
+        # N(0, 1) like the official nn.Embedding (padding rows 0); rows never used keep it until restarted.
+        init = torch.randn(self.n_books, codebook_size, dim) * self.valid[..., None]
+        self.register_buffer("codebook", init)
         self.register_buffer("ema_count", torch.zeros(self.n_books, codebook_size))
         self.register_buffer("ema_sum", torch.zeros(self.n_books, codebook_size, dim))
         # Per-depth EMA code counts for usage(); bookkeeping only, so not saved.
@@ -130,28 +139,10 @@ class ResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check_vectors(self, z: Tensor, name: str = "z") -> None:
-        if not torch.is_tensor(z) or not z.is_floating_point():
-            raise UserError(f"{name} must be a floating-point tensor (..., {self.dim}), got "
-                            f"{getattr(z, 'dtype', type(z).__name__)}")
-        if z.dim() < 1 or z.shape[-1] != self.dim:
-            raise UserError(f"{name} has shape {tuple(z.shape)}, but the quantizer expects the last "
-                            f"dimension to be {self.dim}; move the channel axis last (channels-last)")
+        check_vectors(z, self.dim, name)
 
     def _check_codes(self, codes: Tensor) -> None:
-        if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() \
-                or codes.dtype == torch.bool:
-            raise UserError(f"codes must be an integer tensor (..., depth), got "
-                            f"{getattr(codes, 'dtype', type(codes).__name__)}")
-        if codes.dim() < 1:
-            raise UserError("codes must have a last dimension (the depth); got a scalar")
-        if codes.shape[-1] > self.depth:
-            raise UserError(f"codes have {codes.shape[-1]} depths but the quantizer has only "
-                            f"{self.depth}; pass codes[..., :{self.depth}] or use a deeper quantizer")
-        if codes.numel() > 0:
-            lo, hi = int(codes.min()), int(codes.max())
-            if lo < 0 or hi >= self.codebook_size:
-                raise UserError(f"codes must lie in [0, {self.codebook_size}), found values in "
-                                f"[{lo}, {hi}]; were they made with a different codebook size?")
+        check_codes(codes, [self.book_sizes[b] for b in self.book_of_depth.tolist()])
 
     # ------------------------------------------------------------------ basic maps
     def _book(self, d: int) -> Tensor:
@@ -202,7 +193,7 @@ class ResidualQuantizer(nn.Module):
         n = x.shape[0]
         codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
         books = [self._book(d) for d in range(self.n_books)]
-        sq = [(b * b).sum(1) for b in books]  # ||e_k||^2 per book, (K,)
+        sq = code_norms(books, self.valid)  # ||e_k||^2 per book, (K,); +inf on padding rows
         chunk = max(1, _CHUNK_ELEMENTS // self.codebook_size)
         buf = torch.empty(min(chunk, n), self.codebook_size, device=x.device)  # distances, reused
         for s in range(0, n, chunk):
@@ -227,7 +218,7 @@ class ResidualQuantizer(nn.Module):
         n_depths = self.depth if n_depths is None else n_depths
         out = torch.empty(n, n_depths, dtype=torch.long, device=x.device)
         books = [self._book(d) for d in range(self.n_books)]
-        sq = [(b * b).sum(1) for b in books]
+        sq = code_norms(books, self.valid)
         chunk = max(1, _CHUNK_ELEMENTS // (K * beam_size))
         for s in range(0, n, chunk):
             r = x[s:s + chunk][:, None, :]  # (n, B=1, dim) residual of each partial path
@@ -242,7 +233,7 @@ class ResidualQuantizer(nn.Module):
                 # ||r - e_k||^2 + prefix = (||r||^2 + prefix) - 2 r.e_k + ||e_k||^2, one matmul for all beams
                 cand = torch.addmm(sq[b], r.reshape(m * B, dim), books[b].t(), alpha=-2.0)  # (n B, K)
                 cand = cand.view(m, B, K).add_((score0 + prefix)[..., None]).view(m, B * K)
-                keep = min(beam_size, B * K)
+                keep = min(beam_size, B * self.book_sizes[b])
                 top = cand.topk(keep, dim=1, largest=False).indices  # (n, B')
                 parent, k = top // K, top % K
                 r = r[rows, parent] - books[b].index_select(0, k.reshape(-1)).view(m, keep, dim)
@@ -309,7 +300,7 @@ class ResidualQuantizer(nn.Module):
         if self.restart_dead_codes:
             self._restart(residuals)
         n = self.ema_count.sum(dim=1, keepdim=True)  # (n_books, 1)
-        smoothed = (self.ema_count + self.eps) / (n + K * self.eps) * n  # (n_books, K)
+        smoothed = (self.ema_count + self.eps) / (n + K * self.eps / self.pad_scale) * n  # (n_books, K)
         used = self.ema_count > 0
         new = self.ema_sum / smoothed.clamp_min(1e-30)[..., None]
         self.codebook.copy_(torch.where(used[..., None], new, self.codebook))
@@ -317,10 +308,9 @@ class ResidualQuantizer(nn.Module):
     def dead_codes(self) -> Tensor:
         """(n_books, K) bool: codes whose EMA count is below the dead-code threshold."""
         thr = self.dead_code_threshold
-        if self.dead_code_relative:
-            thr = thr * self.ema_count.mean(dim=1, keepdim=True)  # fraction of uniform usage
-            return self.ema_count < thr
-        return self.ema_count < thr
+        if self.dead_code_relative:  # fraction of uniform usage
+            thr = thr * self.ema_count.mean(dim=1, keepdim=True) * self.pad_scale
+        return (self.ema_count < thr) & self.valid  # padding rows are never dead
 
     def _restart(self, residuals: Tensor) -> None:
         """Restart dead codes from random vectors of the global batch; reset their EMA statistics.
@@ -344,7 +334,7 @@ class ResidualQuantizer(nn.Module):
             if vectors is None:  # an empty global batch: nothing to restart from
                 return
             if self.dead_code_relative:
-                reset = self.ema_count[b].mean().clamp_min(1e-3)
+                reset = (self.ema_count[b].mean() * self.pad_scale[b, 0]).clamp_min(1e-3)
             else:
                 reset = torch.tensor(max(self.dead_code_threshold, 1e-3), device=vectors.device)
             idx = dead[b].nonzero().squeeze(1)
@@ -373,7 +363,7 @@ class ResidualQuantizer(nn.Module):
             probs = torch.empty(n, self.depth, K, device=x.device)
             codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
             books = [self._book(d) for d in range(self.n_books)]
-            sq = [(b * b).sum(1) for b in books]
+            sq = code_norms(books, self.valid)
             chunk = max(1, _CHUNK_ELEMENTS // K)
             for s in range(0, n, chunk):
                 r = x[s:s + chunk].clone()
@@ -387,7 +377,7 @@ class ResidualQuantizer(nn.Module):
                     if stochastic:
                         gen_device = generator.device if generator is not None else r.device
                         u = torch.rand(r.shape[0], 1, generator=generator, device=gen_device).to(r.device)
-                        k = (p.cumsum(dim=1) < u).sum(dim=1).clamp_max(K - 1)  # inverse-CDF sample
+                        k = (p.cumsum(dim=1) < u).sum(dim=1).clamp_max(self.book_sizes[b] - 1)  # inverse CDF
                     else:
                         k = dist_.min(dim=1).indices
                     codes[s:s + chunk, d] = k

@@ -43,6 +43,9 @@ def fit_codebooks(q: nn.Module, vectors: Tensor, *, kmeans_iters: int = 10, refi
        codebook * ema_count``.
     """
     x = vectors.detach().reshape(-1, q.dim).float().contiguous()  # (N, dim)
+    if len(set(q.book_sizes)) > 1:
+        raise UserError(f"fit does not support codebooks of different sizes per depth "
+                        f"({list(q.book_sizes)}); train the RQ-VAE instead")
     if x.shape[0] < q.codebook_size:
         raise UserError(f"fit needs at least codebook_size={q.codebook_size} vectors, "
                         f"got {x.shape[0]}; pass more vectors")

@@ -44,6 +44,7 @@ class RQVAEConfig:
     codebook_size: int = 16384  # K
     depth: int = 4  # D: codes per position
     shared_codebook: bool = True  # one codebook for all depths (the paper's choice)
+    codebook_sizes: tuple[int, ...] | None = None  # K_d per depth (not shared; max = codebook_size); None: K
     ema_decay: float = 0.99
     restart_dead_codes: bool = True
     commitment_weight: float = 0.25  # beta; used by the trainer, the model returns the raw loss
@@ -52,6 +53,8 @@ class RQVAEConfig:
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        if self.codebook_sizes is not None:
+            self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
         problems = []
         if self.in_channels not in (1, 3):
             problems.append(f"in_channels must be 1 or 3, got {self.in_channels}")
@@ -278,7 +281,8 @@ class RQVAE(nn.Module, PretrainedMixin):
         self.quantizer = ResidualQuantizer(config.embed_dim, config.codebook_size, config.depth,
                                            shared_codebook=config.shared_codebook,
                                            ema_decay=config.ema_decay,
-                                           restart_dead_codes=config.restart_dead_codes)
+                                           restart_dead_codes=config.restart_dead_codes,
+                                           codebook_sizes=config.codebook_sizes)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> RQVAE:

@@ -4,8 +4,10 @@ Official folders are read by :mod:`rqvae.official.load`. The encoder/decoder/qua
 tensors keep their names.  The official quantizer stores, per depth d, ``quantizer.codebooks.{d}.weight``
 with K + 1 rows (the last row is a padding vector that quantization never selects; dropped here),
 ``cluster_size_ema`` (K) and ``embed_ema`` (K, n_z); with a shared codebook all depths hold the same
-tensors.  They become our quantizer's buffers ``codebook``
-(n_books, K, n_z), ``ema_count`` (n_books, K) and ``ema_sum`` (n_books, K, n_z).
+tensors.  They become our quantizer's buffers ``codebook`` (n_books, K, n_z), ``ema_count`` (n_books, K)
+and ``ema_sum`` (n_books, K, n_z). Without a shared codebook, ``hparams.n_embed`` can give each depth its
+own size K_d (a list): ours keeps the books padded to K = max K_d rows (``codebook_sizes``, see
+:mod:`rqvae.models.quantize_books`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from rqvae.errors import UserError
 from rqvae.models.hub import load_state_dict_checked
@@ -31,17 +34,33 @@ _ARCH_FIELDS = {"type", "ema", "hparams", "ddconfig", "checkpointing", "code_hie
 
 
 def _one_per_all(hp: dict[str, Any], key: str, default: Any) -> Any:
-    """hparams.n_embed / decay: a number, or a list with one per depth (official, without a shared
-    codebook); a list must hold one value, since our quantizer has one codebook size and decay."""
+    """hparams.decay: a number, or a list with one per depth (official, without a shared codebook); a list
+    must hold one value, since our quantizer has one decay (it acts only in training)."""
     value = hp.get(key, default)
-    if value is None:
-        raise UserError(f"official rq-vae config lacks 'hparams.{key}'")
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise UserError(f"official hparams.{key}={list(value)} differs between depths, which is not "
                             f"supported (one {key} for all depths)")
         value = value[0]
     return value
+
+
+def _codebook_sizes(hp: dict[str, Any], depth: int) -> tuple[int, tuple[int, ...] | None]:
+    """hparams.n_embed: K, or a list with K_d per depth (the official RQBottleneck builds one codebook of
+    size K_d per depth when shared_codebook is false) -> (max K_d, the sizes or None when all equal)."""
+    n_embed = hp.get("n_embed")
+    if n_embed is None:
+        raise UserError("official rq-vae config lacks 'hparams.n_embed'")
+    if not isinstance(n_embed, (list, tuple)):
+        return int(n_embed), None
+    sizes = tuple(int(k) for k in n_embed)
+    if len(sizes) != depth:  # the official RQBottleneck asserts this
+        raise UserError(f"official hparams.n_embed={list(sizes)} has {len(sizes)} sizes for {depth} code "
+                        "depths; the official code cannot build it either")
+    if len(set(sizes)) > 1 and hp.get("shared_codebook", True):
+        raise UserError(f"official hparams.n_embed={list(sizes)} differs between depths with "
+                        "shared_codebook true; the official code cannot build it either (set it false)")
+    return max(sizes), sizes if len(set(sizes)) > 1 else None
 
 
 def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
@@ -67,17 +86,18 @@ def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
     for what, value, want in checks:
         check_supported(what, value, want)
     check_supported("ddconfig.out_ch", dd.get("out_ch", dd["in_channels"]), dd["in_channels"])
-    n_embed, decay = _one_per_all(hp, "n_embed", None), _one_per_all(hp, "decay", 0.99)
+    decay = _one_per_all(hp, "decay", 0.99)
     try:
         code_shape, latent_shape = list(hp["code_shape"]), list(hp["latent_shape"])
+        n_embed, sizes = _codebook_sizes(hp, int(code_shape[-1]))
         n = len(dd["ch_mult"])
         cfg = RQVAEConfig(image_size=int(dd["resolution"]), in_channels=int(dd["in_channels"]),
                           ch=int(dd["ch"]), ch_mult=tuple(dd["ch_mult"]),
                           num_res_blocks=int(dd["num_res_blocks"]),
                           attn_resolutions=tuple(dd.get("attn_resolutions", ())),
                           z_channels=int(dd["z_channels"]), embed_dim=int(hp["embed_dim"]),
-                          codebook_size=int(n_embed), depth=int(code_shape[-1]),
-                          shared_codebook=bool(hp.get("shared_codebook", True)),
+                          codebook_size=n_embed, depth=int(code_shape[-1]),
+                          shared_codebook=bool(hp.get("shared_codebook", True)), codebook_sizes=sizes,
                           ema_decay=float(decay),
                           restart_dead_codes=bool(hp.get("restart_unused_codes", True)),
                           commitment_weight=float(hp.get("latent_loss_weight", 0.25)),
@@ -108,13 +128,14 @@ def convert_official_rqvae(state_dict: dict[str, torch.Tensor], arch: dict[str, 
 
     books, counts, sums = [], [], []
     for d in range(D):
+        k = (cfg.codebook_sizes or (K,) * D)[d]  # K_d; depth d's tensors are padded to K rows (zeros)
         w = get(f"quantizer.codebooks.{d}.weight")
-        if w.shape != (K + 1, cfg.embed_dim):
+        if w.shape != (k + 1, cfg.embed_dim):
             raise UserError(f"quantizer.codebooks.{d}.weight has shape {tuple(w.shape)}, config expects "
-                            f"({K + 1}, {cfg.embed_dim}) (K codes + 1 padding row)")
-        books.append(w[:K])  # drop the padding row
-        counts.append(get(f"quantizer.codebooks.{d}.cluster_size_ema"))
-        sums.append(get(f"quantizer.codebooks.{d}.embed_ema"))
+                            f"({k + 1}, {cfg.embed_dim}) (K codes + 1 padding row)")
+        books.append(F.pad(w[:k], (0, 0, 0, K - k)))  # drop the official padding row
+        counts.append(F.pad(get(f"quantizer.codebooks.{d}.cluster_size_ema"), (0, K - k)))
+        sums.append(F.pad(get(f"quantizer.codebooks.{d}.embed_ema"), (0, 0, 0, K - k)))
     if cfg.shared_codebook and not all(torch.equal(books[0], b) for b in books[1:]):
         raise UserError("config says shared_codebook but the official codebooks differ between depths")
     names = ("weight", "cluster_size_ema", "embed_ema")
