@@ -16,6 +16,11 @@ from tests.helpers.ar_fixtures import VARIANTS, cond_for, make
 MORE_VARIANTS = {
     "per-stack-blocks": dict(attn_bias=False, depth_attn_bias=True, depth_mlp_bias=False,
                              depth_gelu="sigmoid"),
+    # a codebook size per depth: depth d's logits and codes cover its K_d codes only
+    "per-depth-sizes": dict(code_shape=(2, 2, 3), codebook_sizes=(16, 5, 9), per_depth_head=True,
+                            per_depth_codebooks=True),
+    "per-depth-sizes-learned": dict(code_shape=(2, 2, 3), codebook_sizes=(7, 16, 4), per_depth_head=True,
+                                    input_emb="learned", depth_emb="learned", per_depth_tok_emb=True),
 }
 ALL_VARIANTS = {**VARIANTS, **MORE_VARIANTS}
 CASES = [("class", 1.0), ("uncond", 1.0), ("text", 1.0), ("class", 3.0), ("text", 2.0)]
@@ -55,6 +60,7 @@ def test_architecture_variants_draw_identical_codes(variant):
     assert torch.equal(ref, fast)
     ref, fast = both(model, cond_for(model, 4), 4, temperature=1.2, top_k=8)
     assert torch.equal(ref, fast)
+    assert (ref < torch.tensor(model.config.depth_vocab)).all()
 
 
 class ForcedSampler(Sampler):
@@ -78,7 +84,7 @@ def test_cached_logits_equal_the_full_forward_pass(cond_type, variant, impl):
     model = make(cond_type, **ALL_VARIANTS.get(variant, {}))
     B, (H, W, D) = 2, model.config.code_shape
     g = torch.Generator().manual_seed(2)
-    codes = torch.randint(0, model.config.vocab_size, (B, H, W, D), generator=g)
+    codes = (torch.rand(B, H, W, D, generator=g) * torch.tensor(model.config.depth_vocab)).long()
     cond = model.check_cond(cond_for(model, B), batch_size=B)
     forced = ForcedSampler(codes.view(B, H * W, D), B)
     with torch.no_grad():
@@ -88,8 +94,11 @@ def test_cached_logits_equal_the_full_forward_pass(cond_type, variant, impl):
             got = gf.generate_fast(model, cond, forced, torch.float32)
         full = model(codes, cond)  # (B, T, D, K)
     assert torch.equal(got, codes.view(B, H * W, D))
-    cached = torch.stack(forced.logits, dim=1).view(B, H * W, D, -1)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert len(forced.logits) == H * W * D
+    for i, logits in enumerate(forced.logits):  # position t, depth d: (B, K_d)
+        t, d = divmod(i, D)
+        assert logits.shape[-1] == model.config.depth_vocab[d]
+        torch.testing.assert_close(logits, full[:, t, d, :logits.shape[-1]], rtol=1e-5, atol=1e-5)
 
 
 def test_fast_path_without_the_private_onednn_op(monkeypatch):

@@ -337,3 +337,32 @@ def test_greedy_large_codebook_with_duplicate_rows_equals_brute_force():
         assert torch.equal(codes[:, d], expect)
         assert int(codes[:, d].max()) < 128
         r = r - book[expect]
+
+
+def test_per_depth_codebook_sizes_never_use_padding_rows():
+    """codebook_sizes (6, 2, 4): books padded to 6 rows; depth d's codes, soft labels, beam paths and EMA
+    updates stay within its K_d rows, and padding rows are neither updated nor restarted."""
+    torch.manual_seed(0)
+    q = ResidualQuantizer(3, 6, 3, shared_codebook=False, codebook_sizes=(6, 2, 4), dead_code_threshold=0.5)
+    sizes = torch.tensor([6, 2, 4])
+    pad = torch.arange(6) >= sizes[:, None]  # (3, 6)
+    assert not q.codebook[pad].any()
+    z = torch.randn(500, 3) * 2
+    q.train()
+    for _ in range(3):
+        out = q(z)
+        assert (out.codes < sizes).all()
+    assert not q.codebook[pad].any() and not q.ema_count[pad].any()  # padding: no update, no restart
+    assert q.codebook[~pad].abs().sum(-1).gt(0).all()
+    q.eval()
+    assert (q.encode(z, beam_size=4) < sizes).all()
+    probs, codes = q.soft_codes(z, temperature=10.0, generator=torch.Generator().manual_seed(0))
+    assert (codes < sizes).all() and not probs[:, pad].any()
+    greedy = q.encode(z)
+    full = ResidualQuantizer(3, 6, 3, shared_codebook=False)
+    full.codebook.copy_(q.codebook)
+    assert not torch.equal(full.encode(z), greedy)  # the padding rows (zero vectors) would be chosen
+    with pytest.raises(UserError, match="different sizes per depth"):
+        q.fit(z)
+    with pytest.raises(UserError, match="set shared_codebook false"):
+        ResidualQuantizer(3, 6, 3, codebook_sizes=(6, 2, 4))

@@ -11,8 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 
+from rqvae.errors import UserError
 from rqvae.models.transformer import RQTransformer
+from rqvae.models.vae import RQVAE
 from rqvae.official.convert import convert_official
 from rqvae.official.load import load_official
 from rqvae.official.transformer import convert_official_rqtransformer, load_codebook
@@ -41,7 +44,17 @@ OPTIONS = {
                              shared_codebook=True, head_attn_bias=False, head_gelu="v2"),
     "per-stack-mlp-bias": dict(body_heads=2, head_heads=2, bias=False, gelu="v2", cumsum=False,
                                shared_cls=False, shared_codebook=True, head_mlp_bias=True, head_gelu="v1"),
+    # vocab_size as a list: a codebook size K_d per depth (max K), so per-depth heads / tok_emb tables
+    "vocab-per-depth": dict(body_heads=4, head_heads=2, bias=True, gelu="v1", cumsum=True, shared_cls=False,
+                            shared_codebook=False, vocab=[12, 7, 9]),
+    "vocab-per-depth-learned": dict(body_heads=2, head_heads=4, bias=True, gelu="v2", cumsum=True,
+                                    shared_cls=False, shared_codebook=True, input_vqvae=False,
+                                    head_vqvae=False, shared_tok=False, vocab=[5, 12, 8]),
 }
+
+
+def sizes_of(o: dict) -> list[int]:
+    return o.get("vocab", [K] * D)
 
 
 def stack_options(o: dict, stack: str) -> dict:
@@ -55,8 +68,8 @@ def stack_options(o: dict, stack: str) -> dict:
 def official_arch(o: dict) -> dict:
     def stack(n_layer, heads, name):
         return {"n_layer": n_layer, "block": {"embed_dim": C, "n_head": heads, **stack_options(o, name)}}
-    return {"type": "rq-transformer", "vocab_size": K, "block_size": [H, W, D], "vocab_size_cond": 5,
-            "block_size_cond": L, "embed_dim": C, "input_embed_dim": NZ,
+    return {"type": "rq-transformer", "vocab_size": o.get("vocab", K), "block_size": [H, W, D],
+            "vocab_size_cond": 5, "block_size_cond": L, "embed_dim": C, "input_embed_dim": NZ,
             "input_emb_vqvae": o.get("input_vqvae", True), "head_emb_vqvae": o.get("head_vqvae", True),
             "cumsum_depth_ctx": o["cumsum"], "shared_tok_emb": o.get("shared_tok", False),
             "shared_cls_emb": o["shared_cls"], "body": stack(2, o["body_heads"], "body"),
@@ -75,9 +88,9 @@ def official_state(o: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
         if o.get(side, True):
             sd.update({f"{mlp}.weight": r(C, NZ), f"{mlp}.bias": r(C)})
     if not (o.get("input_vqvae", True) and o.get("head_vqvae", True)):  # nn.Embedding or TupleEmbedding
-        sd["tok_emb.weight"] = r(K if o["shared_tok"] else D * K, C)
+        sd["tok_emb.weight"] = r(K if o["shared_tok"] else sum(sizes_of(o)), C)
         if not o["shared_tok"]:
-            sd["tok_emb.offsets"] = torch.arange(D) * K
+            sd["tok_emb.offsets"] = torch.tensor([0, *sizes_of(o)[:-1]]).cumsum(0)
     if o["shared_cls"]:
         sd.update({"classifier.linear.weight": r(K, C), "classifier.linear.bias": r(K)})
     else:  # BatchLinear: weight (D, in, out), bias (D, out)
@@ -156,15 +169,18 @@ def test_converted_forward_equals_the_official_computation(name):
     uses_books = o.get("input_vqvae", True) or o.get("head_vqvae", True)
     model = convert_official_rqtransformer(sd, official_arch(o), books if uses_books else None)
     assert model.config.per_depth_codebooks == (uses_books and not o["shared_codebook"])
-    codes = torch.randint(0, K, (B, H, W, D), generator=g)
+    sizes = torch.tensor(sizes_of(o))
+    codes = (torch.rand(B, H, W, D, generator=g) * sizes).long()  # depth d: codes in [0, K_d)
     cond = torch.tensor([1, 4])
     with torch.no_grad():
         got = model(codes, cond)
         want = official_logits(o, sd, books[:, :K], codes, cond)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    ref, fast = (model.generate(cond, top_k=3, generator=torch.Generator().manual_seed(0),
+    valid = torch.arange(K) < sizes[:, None]  # (D, K): depth d has K_d codes, its other logits masked
+    torch.testing.assert_close(got[..., valid], want[..., valid], atol=1e-5, rtol=1e-5)
+    assert (got[..., ~valid] == torch.finfo(got.dtype).min).all()
+    ref, fast = (model.generate(cond, top_k=3, temperature=3.0, generator=torch.Generator().manual_seed(0),
                                 dtype=torch.float32, impl=impl) for impl in ("reference", "fast"))
-    assert torch.equal(ref, fast)
+    assert torch.equal(ref, fast) and (ref < sizes).all()
 
 
 def test_rqvae_with_a_codebook_per_depth_converts_both_stages(tmp_path):
@@ -212,3 +228,58 @@ def test_learned_embeddings_convert_without_an_rqvae(tmp_path):
     with torch.no_grad():
         want = official_logits(o, sd, None, codes, torch.tensor([0, 3]))
         torch.testing.assert_close(model(codes, torch.tensor([0, 3])), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(shared_cls_emb=True), "differs between depths with shared_cls_emb true; the official code cannot"),
+    (dict(input_emb_vqvae=False, shared_tok_emb=True), "with shared_tok_emb true; the official code cannot"),
+    (dict(vocab_size=[12, 7]), "2 sizes for 3 code depths; the official code cannot build it either"),
+])
+def test_per_depth_vocab_sizes_the_official_code_cannot_build_are_refused(edit, message):
+    o = OPTIONS["vocab-per-depth"]
+    sd = official_state(o, torch.Generator().manual_seed(1))
+    with pytest.raises(UserError, match=message):
+        convert_official_rqtransformer(sd, {**official_arch(o), **edit}, torch.randn(D, K + 1, NZ))
+
+
+def test_rqvae_with_per_depth_codebook_sizes_converts_both_stages(tmp_path):
+    """hparams.n_embed [64, 40, 64, 24] without a shared codebook: depth d quantizes with its K_d rows only
+    (greedy residual quantization written out here), and the codebook a stage-2 model embeds with."""
+    sizes = [64, 40, 64, 24]
+    vae = tmp_path / "vae"
+    shutil.copytree(OFFICIAL / "rqvae_tiny", vae)
+    ckpt = torch.load(vae / "model.pt", weights_only=True)
+    sd = ckpt["state_dict"]
+    g = torch.Generator().manual_seed(4)
+    for d, k in enumerate(sizes):  # depth d: K_d codes + the official padding row
+        w = sd[f"quantizer.codebooks.{d}.weight"] * (1 + d / 10)
+        sd[f"quantizer.codebooks.{d}.weight"] = torch.cat([w[torch.randperm(64, generator=g)[:k]], w[-1:]])
+        sd[f"quantizer.codebooks.{d}.embed_ema"] = sd[f"quantizer.codebooks.{d}.embed_ema"][:k].clone()
+        sd[f"quantizer.codebooks.{d}.cluster_size_ema"] = sd[f"quantizer.codebooks.{d}.cluster_size_ema"][:k]
+    torch.save(ckpt, vae / "model.pt")
+    cfg = yaml.safe_load((vae / "config.yaml").read_text())
+    cfg["arch"]["hparams"].update(shared_codebook=False, n_embed=sizes)
+    (vae / "config.yaml").write_text(yaml.safe_dump(cfg))
+    convert_official(vae, tmp_path / "vae_ours")
+    model = RQVAE.from_pretrained(tmp_path / "vae_ours").eval()
+    assert model.config.codebook_sizes == tuple(sizes)
+    latent = load_file(OFFICIAL / "rqvae_tiny" / "io.safetensors")["latent"].reshape(-1, 16)  # (N, n_z)
+    books = [sd[f"quantizer.codebooks.{d}.weight"][:k] for d, k in enumerate(sizes)]
+    r, want = latent.clone(), []
+    for book in books:  # greedy RQ, each depth over its own K_d codes
+        k = torch.cdist(r, book).argmin(1)
+        want.append(k)
+        r = r - book[k]
+    want = torch.stack(want, 1)
+    assert torch.equal(model.quantizer.encode(latent), want)
+    assert want[:, 3].max() < 24 and want[:, 1].max() < 40
+    zhat = sum(book[want[:, d]] for d, book in enumerate(books))
+    torch.testing.assert_close(model.quantizer.decode(want), zhat)
+    with pytest.raises(UserError, match="depth i must lie in"):
+        model.quantizer.decode(torch.full((1, 4), 30))
+
+    # stage 2 embeds depth d's codes with book d: its K_d rows, padded to 64 with rows never indexed
+    padded = load_codebook(tmp_path / "vae_ours")
+    assert padded.shape == (4, 64, 16)
+    for d, book in enumerate(books):
+        assert torch.equal(padded[d, :sizes[d]], book) and not padded[d, sizes[d]:].any()

@@ -134,9 +134,12 @@ def _code_table(model: nn.Module, kind: str, mlp: str) -> tuple[torch.Tensor, to
     c = model.config
     D, K = c.depth, c.vocab_size
     if kind == "learned":
-        rows = model.tok_emb.weight  # (K, C) or (D * K, C)
-        table = rows.view(D, K, -1) if c.per_depth_tok_emb else rows.expand(D, -1, -1)
-        return rows.new_zeros(rows.shape[1]), table
+        rows = model.tok_emb.weight  # (K, C) or (sum_d K_d, C)
+        if not c.per_depth_tok_emb:
+            return rows.new_zeros(rows.shape[1]), rows.expand(D, -1, -1)
+        sizes = torch.tensor(c.depth_vocab, device=rows.device)[:, None]  # (D, 1)
+        k = torch.arange(K, device=rows.device).minimum(sizes - 1)  # (D, K): rows past K_d repeat (unused)
+        return rows.new_zeros(rows.shape[1]), rows[model.tok_offsets[:, None] + k]
     books = model.codebook if c.per_depth_codebooks else model.codebook.expand(D, -1, -1)  # (D, K, n_z)
     layer = getattr(model, mlp)
     return layer.bias, books @ layer.weight.t()  # fp32
@@ -156,8 +159,9 @@ class FastSampler:
         self.cumulative = c.depth_emb == "codebook" and c.cumsum_depth  # head_mlp of the sum: sum the rows
         self.head_ln_w, self.head_ln_b = model.head.ln.weight, model.head.ln.bias
         lin = model.head.linear
-        self.heads = ([_Linear(lin.weight[d], lin.bias[d], dt, rows) for d in range(D)] if c.per_depth_head
-                      else [_Linear(lin.weight, lin.bias, dt, rows)] * D)  # the output Linear of each depth
+        self.heads = ([_Linear(lin.weight[d, :k], lin.bias[d, :k], dt, rows)  # depth d: its K_d outputs
+                       for d, k in enumerate(c.depth_vocab)] if c.per_depth_head
+                      else [_Linear(lin.weight, lin.bias, dt, rows)] * D)
         # image-slot inputs before the code rows: PE_T(t) + D * input_mlp.bias (the bias counts D times)
         self.pos_spatial = model.pos_spatial + input_bias * c.depth  # (T, C)
         self.pos_depth = model.pos_depth  # (D, C)

@@ -87,15 +87,18 @@ class RQTransformer(PretrainedMixin, nn.Module):
             self.input_mlp = nn.Linear(c.embed_dim, c.width)  # spatial input: project each depth, then sum
         if c.depth_emb == "codebook":
             self.head_mlp = nn.Linear(c.embed_dim, c.width)  # depth input: cumulative sum, then project
-        if c.learned_tok_emb:  # learned code embeddings, rows d*K..d*K+K-1 for depth d if per depth
-            self.tok_emb = nn.Embedding(c.vocab_size * (D if c.per_depth_tok_emb else 1), c.width)
+        if c.learned_tok_emb:  # learned code embeddings; per depth: depth d's K_d rows follow those of d - 1
+            self.tok_emb = nn.Embedding(sum(c.depth_vocab) if c.per_depth_tok_emb else c.vocab_size, c.width)
+            offsets = [sum(c.depth_vocab[:d]) for d in range(D)]
+            self.register_buffer("tok_offsets", torch.tensor(offsets), persistent=False)  # (D,)
         self.drop = nn.Dropout(c.dropout)
         drop = (c.attn_dropout, c.dropout)
         self.spatial_blocks = nn.ModuleList(  # biases and GELU per stack
             Block(c.width, c.n_heads, *drop, **c.block_options("spatial")) for _ in range(c.n_spatial_layers))
         self.depth_blocks = nn.ModuleList(
             Block(c.width, c.depth_heads, *drop, **c.block_options("depth")) for _ in range(c.n_depth_layers))
-        self.head = OutputHead(c.width, c.vocab_size, depth=D if c.per_depth_head else None)
+        self.head = OutputHead(c.width, c.vocab_size, depth=D if c.per_depth_head else None,
+                               sizes=c.codebook_sizes)
         self.text_head = OutputHead(c.width, c.text_vocab_size) if c.cond_type == "text" else None
         if self.codebook.device.type != "meta":  # nothing to initialise when only counting parameters
             self.apply(self._init_weights)
@@ -136,6 +139,10 @@ class RQTransformer(PretrainedMixin, nn.Module):
         if values and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c.vocab_size):
             raise UserError(f"codes must lie in [0, {c.vocab_size}), got range "
                             f"[{int(codes.min())}, {int(codes.max())}]")
+        sizes = torch.tensor(c.depth_vocab[:codes.shape[3]], device=codes.device)
+        if values and c.codebook_sizes and bool((codes >= sizes).any()):
+            raise UserError(f"codes of depth d must lie in [0, K_d), K = {list(c.depth_vocab)}; encode with "
+                            "the RQ-VAE this model was trained on")
 
     def check_cond(self, cond: torch.Tensor | int | None, batch_size: int | None = None,
                    allow_null: bool = False, *, values: bool = True) -> torch.Tensor:
@@ -193,7 +200,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
     def _tok_emb(self, codes: torch.Tensor) -> torch.Tensor:
         """Learned embeddings of codes (..., d) of depths 0..d-1 -> (..., d, C)."""
         if self.config.per_depth_tok_emb:
-            codes = codes + self.config.vocab_size * torch.arange(codes.shape[-1], device=codes.device)
+            codes = codes + self.tok_offsets[:codes.shape[-1]]
         return self.tok_emb(codes)
 
     def input_embed(self, codes: torch.Tensor) -> torch.Tensor:
@@ -364,7 +371,7 @@ def count_sampling_flops(config: RQTransformerConfig, batch_size: int, cfg: bool
         flops += c.n_spatial_layers * (per_token_block + 2 * 2 * (slot + 1) * C)
     for d in range(D):
         flops += T * c.n_depth_layers * (per_token_block + 2 * 2 * (d + 1) * C)
-    flops += T * D * 2 * C * c.vocab_size
+    flops += T * 2 * C * sum(c.depth_vocab)
     return Bx * flops
 
 

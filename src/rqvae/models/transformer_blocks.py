@@ -114,19 +114,30 @@ class DepthLinear(nn.Module):
 
 class OutputHead(nn.Module):
     """LayerNorm + Linear: the classifier over the codebook or the text vocabulary. With ``depth`` the
-    Linear is a :class:`DepthLinear` (one per depth), and the input must end in (..., d, C)."""
+    Linear is a :class:`DepthLinear` (one per depth), and the input must end in (..., d, C).
 
-    def __init__(self, width: int, n_out: int, depth: int | None = None) -> None:
+    ``sizes`` (with ``depth``): depth d has only sizes[d] <= n_out classes; its logits beyond are masked to
+    the dtype's lowest value (probability 0, but finite so that a soft-label loss stays finite)."""
+
+    def __init__(self, width: int, n_out: int, depth: int | None = None,
+                 sizes: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.ln = nn.LayerNorm(width)
         self.linear = nn.Linear(width, n_out) if depth is None else DepthLinear(depth, width, n_out)
+        self.sizes = sizes if sizes is not None and min(sizes) < n_out else None
+        if self.sizes is not None:  # (D, n_out): True where depth d has no such class
+            self.register_buffer("pad", torch.arange(n_out) >= torch.tensor(sizes)[:, None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.ln(x))
+        logits = self.linear(self.ln(x))
+        if self.sizes is None:
+            return logits
+        return logits.masked_fill(self.pad[:x.shape[-2]], torch.finfo(logits.dtype).min)
 
     def at_depth(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        """Logits of depth d's tokens: x (B, C) -> (B, n_out)."""
+        """Logits of depth d's tokens: x (B, C) -> (B, n_out), or (B, sizes[d]) with per-depth sizes."""
         x = self.ln(x)
         if isinstance(self.linear, DepthLinear):
-            return F.linear(x, self.linear.weight[d], self.linear.bias[d])
+            k = self.linear.weight.shape[1] if self.sizes is None else self.sizes[d]
+            return F.linear(x, self.linear.weight[d, :k], self.linear.bias[d, :k])
         return self.linear(x)

@@ -14,7 +14,7 @@ GELUS = ("exact", "sigmoid")  # erf GELU | x * sigmoid(1.702 x) (the official co
 @dataclass
 class RQTransformerConfig:
     code_shape: tuple[int, int, int] = (8, 8, 4)  # (H, W, D)
-    vocab_size: int = 256  # K, codebook size of the RQ-VAE
+    vocab_size: int = 256  # K, codebook size of the RQ-VAE (the largest one with codebook_sizes)
     embed_dim: int = 64  # n_z, width of the RQ-VAE code embeddings
     width: int = 256
     n_spatial_layers: int = 4
@@ -43,6 +43,9 @@ class RQTransformerConfig:
     input_emb: str = "codebook"  # spatial input: input_mlp(e(S_{t,d})) | tok_emb(S_{t,d}), summed over d
     depth_emb: str = "codebook"  # depth input d: head_mlp(...) as cumsum_depth says | tok_emb(S_{t,d-1})
     per_depth_tok_emb: bool = False  # learned embeddings: one table per depth (else one for all depths)
+    # a codebook size K_d per depth (max = vocab_size; official vocab_size as a list); None: K for all.
+    # Depth d's logits beyond K_d are masked; different sizes need per_depth_head (and per_depth_tok_emb)
+    codebook_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.code_shape = tuple(int(s) for s in self.code_shape)  # type: ignore[assignment]
@@ -63,6 +66,7 @@ class RQTransformerConfig:
         if self.gelu not in GELUS or self.depth_gelu not in (*GELUS, None):
             raise UserError(f"gelu and depth_gelu must be one of {GELUS} (depth_gelu also None: as gelu), "
                             f"got {self.gelu!r}, {self.depth_gelu!r}")
+        self._check_codebook_sizes()
         if self.cond_type == "class" and self.num_classes < 1:
             raise UserError("a class-conditional model needs num_classes >= 1")
         if self.cond_type == "text" and self.text_vocab_size < 1:
@@ -92,6 +96,24 @@ class RQTransformerConfig:
     def depth_heads(self) -> int:
         """Heads of the depth transformer."""
         return self.n_heads if self.n_depth_heads is None else self.n_depth_heads
+
+    def _check_codebook_sizes(self) -> None:
+        if self.codebook_sizes is None:
+            return
+        sizes = self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
+        if len(sizes) != self.depth or min(sizes) < 1 or max(sizes) != self.vocab_size:
+            raise UserError(f"codebook_sizes {list(sizes)} must give one size >= 1 per depth ({self.depth}) "
+                            f"with the largest equal to vocab_size {self.vocab_size}")
+        if len(set(sizes)) > 1 and not (self.per_depth_head and (self.per_depth_tok_emb
+                                                                 or not self.learned_tok_emb)):
+            raise UserError(f"codebook_sizes {list(sizes)} differ between depths, which needs one output "
+                            "Linear per depth (per_depth_head) and, with learned code embeddings, one table "
+                            "per depth (per_depth_tok_emb)")
+
+    @property
+    def depth_vocab(self) -> tuple[int, ...]:
+        """The codebook size of each depth, (K_0, ..., K_{D-1})."""
+        return self.codebook_sizes or (self.vocab_size,) * self.depth
 
     def block_options(self, stack: str) -> dict[str, bool | str]:
         """Biases and activation of the blocks of ``stack`` ("spatial" or "depth"): Block keyword args."""

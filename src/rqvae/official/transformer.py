@@ -97,14 +97,28 @@ def needs_codebook(arch: dict[str, Any]) -> bool:
     return bool(arch.get("input_emb_vqvae", False) or arch.get("head_emb_vqvae", False))
 
 
-def _vocab_size(arch: dict[str, Any], depth: int) -> int:
+def _vocab_sizes(arch: dict[str, Any], depth: int) -> dict[str, Any]:
+    """``vocab_size``: K, or a list with K_d per depth -> vocab_size (max K_d) and codebook_sizes.
+
+    The official model builds different sizes only with ``shared_cls_emb`` and ``shared_tok_emb`` false (it
+    asserts so): a BatchLinear of max K_d outputs and a TupleEmbedding of K_0 + ... + K_{D-1} rows. Its
+    LogitMask, meant to mask depth d's logits beyond K_d, indexes the wrong axes (its forward fails when
+    D > H and its sampler always fails); ours masks them as intended.
+    """
     vocab = arch["vocab_size"]
-    if isinstance(vocab, (list, tuple)):
-        if len(set(vocab)) != 1 or len(vocab) != depth:
-            raise UserError(f"official config vocab_size={list(vocab)} gives the depths different codebook "
-                            "sizes, which is not supported (one size K for all depths)")
-        vocab = vocab[0]
-    return int(vocab)
+    if not isinstance(vocab, (list, tuple)):
+        return dict(vocab_size=int(vocab))
+    sizes = tuple(int(k) for k in vocab)
+    if len(sizes) != depth:
+        raise UserError(f"official config vocab_size={list(sizes)} has {len(sizes)} sizes for {depth} code "
+                        "depths; the official code cannot build it either")
+    if len(set(sizes)) == 1:
+        return dict(vocab_size=sizes[0])
+    shared = [k for k in ("shared_cls_emb", "shared_tok_emb") if arch.get(k, False)]
+    if shared:
+        raise UserError(f"official config vocab_size={list(sizes)} differs between depths with {shared[0]} "
+                        "true; the official code cannot build it either")
+    return dict(vocab_size=max(sizes), codebook_sizes=sizes)
 
 
 def rqtransformer_config_from_official(arch: dict[str, Any], state_dict: dict[str, torch.Tensor],
@@ -118,7 +132,7 @@ def rqtransformer_config_from_official(arch: dict[str, Any], state_dict: dict[st
     try:
         H, W, D = (int(s) for s in arch["block_size"])
         return RQTransformerConfig(
-            code_shape=(H, W, D), vocab_size=_vocab_size(arch, D),
+            code_shape=(H, W, D), **_vocab_sizes(arch, D),
             embed_dim=int(arch.get("input_embed_dim") or 1),
             width=int(arch["embed_dim"]), n_spatial_layers=int(arch["body"]["n_layer"]),
             n_depth_layers=int(arch["head"]["n_layer"]), cfg_dropout=0.0,
@@ -168,7 +182,7 @@ def convert_official_rqtransformer(state_dict: dict[str, torch.Tensor], arch: di
         else torch.zeros(config.codebook_shape)
     state = {}
     for k, v in state_dict.items():
-        if k == "tok_emb.offsets":  # official TupleEmbedding: depth d's rows start at d * K, as ours do
+        if k == "tok_emb.offsets":  # TupleEmbedding: depth d's rows from K_0 + ... + K_{d-1}, as ours
             continue
         name = _rename(k)
         if name in ("pos_cond", "pos_spatial", "pos_depth"):
