@@ -10,7 +10,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rqvae.data.common import Key, check_args, log_skipped, logger, reason, split_key
-from rqvae.data.images import check_resize_mode, decode_image, load_image
+from rqvae.data.decoded import DecodedImageCache, image_cache_enabled
+from rqvae.data.images import (
+    check_resize_mode,
+    decode_image,
+    load_image,
+    pil_to_tensor,
+    report_huge_images,
+    resize_image,
+)
 from rqvae.errors import UserError
 
 EAGER_SCAN_LIMIT = 20_000  # folders up to this many files are fully decoded once at construction
@@ -24,14 +32,22 @@ class ImageFolderDataset(Dataset):
 
     Folders of up to ``eager_scan_limit`` files are decoded once at construction and bad files are
     dropped then; larger folders are checked lazily, and a file that fails later is replaced by the next
-    usable one (and recorded in ``skipped`` in the process that saw it)."""
+    usable one (and recorded in ``skipped`` in the process that saw it).
+
+    ``cache`` (default: on unless ``$RQVAE_IMAGE_CACHE`` is 0): each image is decoded and resized once into
+    the decoded-image cache (:mod:`rqvae.data.decoded`; the eager scan fills it) and read back small after
+    that, in later epochs and later runs; augmentations apply on top, per epoch as without it. Files over
+    PIL's pixel limit are named in one warning line per process."""
 
     accepts_seeded_keys = True
 
     def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3, split: str = "train",
-                 augment: bool = False, eager_scan_limit: int = EAGER_SCAN_LIMIT, resize_mode: str = "crop"):
+                 augment: bool = False, eager_scan_limit: int = EAGER_SCAN_LIMIT, resize_mode: str = "crop",
+                 cache: bool | None = None):
         check_args(image_size, channels)
         self.resize_mode = check_resize_mode(resize_mode)
+        self.decoded = DecodedImageCache(image_size, channels, resize_mode) \
+            if (image_cache_enabled() if cache is None else cache) else None
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist or is not a folder")
@@ -73,11 +89,15 @@ class ImageFolderDataset(Dataset):
             kept = []
             for path, label in files:
                 try:
-                    decode_image(path, channels)
+                    if self.decoded is not None:
+                        self.decoded.prepare(path)
+                    else:
+                        decode_image(path, channels)
                     kept.append((path, label))
                 except Exception as e:  # any decoder error: skip the file
                     self.skipped.append((path, reason(e)))
             files = kept
+        self._report_huge()
         self.samples = files
         self._bad: set[int] = set()
         log_skipped(str(root), self.skipped, total)
@@ -86,6 +106,10 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"no usable images in {root}: {len(self.skipped)} files skipped"
                             + (f" ({shown}{', ...' if len(self.skipped) > 3 else ''})" if shown else "")
                             + "; point --data at a folder of images")
+
+    def _report_huge(self) -> None:
+        report_huge_images("they are cached after the first decode" if self.decoded is not None else
+                           "each epoch decodes them again (the decoded-image cache is off)")
 
     @property
     def num_classes(self) -> int:
@@ -103,8 +127,13 @@ class ImageFolderDataset(Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                image = load_image(path, self.image_size, self.channels, self.augment, generator,
-                                   resize_mode=self.resize_mode)
+                if self.decoded is not None:
+                    image = pil_to_tensor(resize_image(self.decoded.load(path), self.image_size,
+                                                       self.resize_mode, generator, self.augment))
+                else:
+                    image = load_image(path, self.image_size, self.channels, self.augment, generator,
+                                       resize_mode=self.resize_mode)
+                self._report_huge()
                 return {"image": image, "label": label}
             except Exception as e:  # a file that went bad after the scan (or a lazy folder)
                 self._bad.add(i)

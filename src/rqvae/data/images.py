@@ -4,12 +4,18 @@ One decoder serves every path: :func:`load_image` (open, fully decode, convert t
 square: resize the short side and crop, or resize the long side and pad; :data:`RESIZE_HELP`) raises the
 decoder's own error, which the datasets catch to skip and count bad files;
 :func:`load_images` (the CLI path) turns it into a :class:`UserError` naming the file.
+
+Huge files (over PIL's ``Image.MAX_IMAGE_PIXELS``, 89 Mpx by default): PIL's DecompressionBombWarning is
+replaced by one line per process naming them (:func:`report_huge_images`), and files over twice that limit,
+which PIL refuses as decompression bombs, are decoded anyway when they are files the user named (a path, not
+bytes from a shard) and listed in the same line: see :data:`HUGE_IMAGES_HELP`.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from rqvae.data.common import reason
+from rqvae.data.common import logger, reason
 from rqvae.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -68,8 +74,52 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+HUGE_IMAGES_HELP = ("image files over PIL's decompression-bomb limit (89 Mpx) are decoded, with one warning "
+                    "line naming them; so are files over twice that, which PIL refuses: you named them")
+
+_huge_pending: dict[str, bool] = {}  # decoded since the last report: path -> over PIL's error limit
+_huge_reported: set[str] = set()  # named in a warning already (per process)
+
+
+def _open_file(path: str | os.PathLike) -> Image.Image:
+    """``Image.open`` without PIL's DecompressionBombWarning/Error: a file over the limit is noted for
+    :func:`report_huge_images` instead (the user named the file, so it is decoded whatever its size)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img, over_error = Image.open(path), False
+        except Image.DecompressionBombError:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # this one file only
+            try:
+                img, over_error = Image.open(path), True
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.size[0] * img.size[1] > limit and str(path) not in _huge_reported:
+        _huge_pending[str(path)] = over_error
+    return img
+
+
+def report_huge_images(after: str = "") -> None:
+    """One warning line naming the files over PIL's pixel limit decoded since the last call and not named
+    before in this process; ``after`` ends the line (what happens next, e.g. that they are cached)."""
+    new = [p for p in _huge_pending if p not in _huge_reported]
+    bombs = sum(_huge_pending[p] for p in new)
+    _huge_pending.clear()
+    if not new:
+        return
+    _huge_reported.update(new)
+    limit = Image.MAX_IMAGE_PIXELS or 0
+    shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+    note = f" ({bombs} over PIL's decompression-bomb limit of {2 * limit / 1e6:.0f} Mpx, decoded all the " \
+           "same)" if bombs else ""
+    logger.warning("%d image%s over %.0f Mpx %s decoded (slow): %s%s%s", len(new), "s" * (len(new) > 1),
+                   limit / 1e6, "are" if len(new) > 1 else "is", shown, note, f"; {after}" if after else "")
+
+
 def decode_image(src: str | os.PathLike | bytes, channels: int) -> Image.Image:
-    """Open, fully decode (so truncated files fail here, not later) and convert the mode."""
+    """Open, fully decode (so truncated files fail here, not later) and convert the mode. Files (not bytes)
+    over PIL's pixel limit are decoded and noted for :func:`report_huge_images`."""
     if isinstance(src, bytes):
         if not src:
             raise ValueError("empty file")
@@ -77,7 +127,7 @@ def decode_image(src: str | os.PathLike | bytes, channels: int) -> Image.Image:
     else:
         if os.path.getsize(src) == 0:
             raise ValueError("empty file")
-        img = Image.open(src)
+        img = _open_file(src)
     with img:
         img.load()
         return to_mode(img, channels)
@@ -96,15 +146,20 @@ def check_resize_mode(mode: str) -> str:
     return mode
 
 
+def scale_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Resize so that the shorter side is ``size`` (small images are upscaled); unchanged if it is already."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return img.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != (w, h) else img
+
+
 def resize_crop(img: Image.Image, size: int, generator: torch.Generator | None = None,
                 augment: bool = False) -> Image.Image:
     """Resize the shorter side to ``size`` (small images are upscaled), then a center crop, or a random crop
     and a random horizontal flip when ``augment``."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    img = scale_short_side(img, size)
+    nw, nh = img.size
     if augment:
         left = int(torch.randint(nw - size + 1, (1,), generator=generator))
         top = int(torch.randint(nh - size + 1, (1,), generator=generator))
@@ -141,6 +196,14 @@ def resize_image(img: Image.Image, size: int, mode: str = "crop", generator: tor
     return fit(img, size, generator, augment)
 
 
+def fit_image(img: Image.Image, size: int, mode: str = "crop") -> Image.Image:
+    """The deterministic part of :func:`resize_image`, what an image cache can keep: for "crop" the image
+    scaled to a short side of ``size`` (the crop, random when augmenting, comes later), for "pad" the
+    letterboxed square. ``resize_image(fit_image(img, s, m), s, m, g, a)`` equals
+    ``resize_image(img, s, m, g, a)`` pixel for pixel."""
+    return resize_pad(img, size) if check_resize_mode(mode) == "pad" else scale_short_side(img, size)
+
+
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """PIL image (RGB or L) -> (C, H, W) float32 in [-1, 1]."""
     a = np.asarray(im, dtype=np.float32)
@@ -166,6 +229,7 @@ def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int,
     for p in map(Path, paths):
         try:
             out.append(load_image(p, size, channels, resize_mode=resize_mode))
+            report_huge_images()
         except FileNotFoundError:
             raise UserError(f"{p} does not exist") from None
         except Exception as e:  # any decoder error
