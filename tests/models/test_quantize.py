@@ -366,3 +366,41 @@ def test_per_depth_codebook_sizes_never_use_padding_rows():
         q.fit(z)
     with pytest.raises(UserError, match="set shared_codebook false"):
         ResidualQuantizer(3, 6, 3, codebook_sizes=(6, 2, 4))
+
+
+@pytest.mark.parametrize("sizes", [None, (5, 3, 4)])
+def test_per_depth_ema_decays_one_step(sizes):
+    """ema_decay (0.9, 0.5, 0.99), one per depth's codebook: one training step equals the EMA of each depth's
+    counts and sums with its own decay, then the Laplace-smoothed mean over that book's K_d codes."""
+    decays, eps = (0.9, 0.5, 0.99), 1e-5
+    rq = make(dim=4, K=5, depth=3, shared=False, restart_dead_codes=False, ema_decay=decays, eps=eps,
+              codebook_sizes=sizes)
+    k_d = torch.tensor(sizes or (5, 5, 5))
+    valid = torch.arange(5) < k_d[:, None]  # (D, K)
+    g = torch.Generator().manual_seed(3)
+    rq.ema_count.copy_((torch.rand(3, 5, generator=g) * 4 + 0.5) * valid)  # earlier statistics
+    rq.ema_sum.copy_(torch.randn(3, 5, 4, generator=g) * valid[..., None])
+    count0, sum0, book0 = rq.ema_count.clone(), rq.ema_sum.clone(), rq.codebook.clone()
+    z = torch.randn(40, 4, generator=g) * 2
+    codes = rq.encode(z)
+    rq.train()(z)
+    r = z.clone()
+    for d, gamma in enumerate(decays):
+        counts = torch.bincount(codes[:, d], minlength=5).float()
+        sums = torch.zeros(5, 4).index_add_(0, codes[:, d], r)
+        r = r - book0[d, codes[:, d]]  # the residual the next depth quantizes
+        count = gamma * count0[d] + (1 - gamma) * counts
+        total = gamma * sum0[d] + (1 - gamma) * sums
+        torch.testing.assert_close(rq.ema_count[d], count)
+        torch.testing.assert_close(rq.ema_sum[d], total)
+        n = count.sum()
+        smoothed = (count + eps) / (n + int(k_d[d]) * eps) * n  # Laplace smoothing over K_d codes
+        want = torch.where((count > 0)[:, None], total / smoothed[:, None], book0[d])
+        torch.testing.assert_close(rq.codebook[d], want)
+        torch.testing.assert_close(rq.depth_count[d], (1 - gamma) * counts)
+    for bad, message in [(dict(ema_decay=(0.9, 0.5)), "one decay per depth \\(3\\)"),
+                         (dict(ema_decay=(0.9, 1.0, 0.5)), "must be in \\[0, 1\\)"),
+                         (dict(ema_decay=(0.9, 0.5, 0.9), shared=True), "set shared_codebook false")]:
+        with pytest.raises(UserError, match=message):
+            make(dim=4, K=5, depth=3, **{"shared": False, **bad})
+    assert make(shared=True, ema_decay=(0.9,) * 3).book_decays == (0.9,)  # equal values: one book

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -79,6 +81,23 @@ def test_save_and_load_roundtrip(model, tmp_path):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(model.encode(x), m2.encode(x))
     assert torch.equal(model.decode(model.encode(x)), m2.decode(model.encode(x)))
+
+
+def test_per_depth_decays_round_trip_and_older_configs_load(tmp_path):
+    """decays (one EMA decay per depth's codebook) survive config.json; a config.json written before the
+    field existed loads with decays None, i.e. ema_decay for every codebook."""
+    m = RQVAE(RQVAEConfig(**SMALL, shared_codebook=False, decays=[0.9, 0.5, 0.99]))
+    assert m.config.decays == (0.9, 0.5, 0.99) and m.quantizer.book_decays == (0.9, 0.5, 0.99)
+    m.save_pretrained(tmp_path / "m")
+    assert RQVAE.from_pretrained(tmp_path / "m").quantizer.book_decays == (0.9, 0.5, 0.99)
+    RQVAE(RQVAEConfig(**SMALL, ema_decay=0.95)).save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["decays"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    old = RQVAE.from_pretrained(tmp_path / "old")
+    assert old.config.decays is None and old.quantizer.book_decays == (0.95,)
+    with pytest.raises(UserError, match="set shared_codebook false"):
+        RQVAE(RQVAEConfig(**SMALL, decays=(0.9, 0.5, 0.99)))
 
 
 @pytest.mark.parametrize("name,encoder,decoder,total", [

@@ -63,6 +63,26 @@ def test_per_depth_lists_of_one_value_map_to_numbers():
     hp = {**arch["hparams"], "shared_codebook": False, "n_embed": [64] * 4, "decay": [0.9] * 4}
     cfg = rqvae_config_from_official({**arch, "hparams": hp})
     assert (cfg.codebook_size, cfg.ema_decay, cfg.shared_codebook) == (64, 0.9, False)
+    assert cfg.codebook_sizes is None and cfg.decays is None
+
+
+def test_per_depth_decays_convert_and_drive_each_depths_ema(tmp_path, io):
+    """hparams.decay [0.9, 0.99, 0.95, 0.5] with shared_codebook false (the official RQBottleneck gives
+    codebook d the decay decay[d]): converted, saved, loaded, and one training step of the quantizer moves
+    depth d's EMA counts with decay[d]."""
+    decays = [0.9, 0.99, 0.95, 0.5]
+    src = _copy(tmp_path, lambda c: c["arch"]["hparams"].update(shared_codebook=False, decay=decays))
+    assert main(["convert-official", str(src), str(tmp_path / "ours")]) == 0
+    model = RQVAE.from_pretrained(tmp_path / "ours")
+    assert model.config.decays == tuple(decays) and model.quantizer.book_decays == tuple(decays)
+    q = model.quantizer
+    q.restart_dead_codes = False
+    latent = io["latent"].reshape(-1, 16)
+    count0, codes = q.ema_count.clone(), q.encode(latent)
+    q.train()(latent)
+    for d, g in enumerate(decays):
+        counts = torch.bincount(codes[:, d], minlength=64).float()
+        torch.testing.assert_close(q.ema_count[d], g * count0[d] + (1 - g) * counts)
 
 
 def test_converted_matches_official_outputs(converted, io):
@@ -106,6 +126,9 @@ def _copy(tmp_path: Path, edit=None) -> Path:
     (lambda c: c["arch"]["hparams"].update(n_embed=[64, 64, 32, 32]),  # shared_codebook true
      "n_embed=\\[64, 64, 32, 32\\] differs between depths with shared_codebook true; the official code"),
     (lambda c: c["arch"]["hparams"].update(shared_codebook=False, n_embed=[64, 64, 64]), "3 sizes for 4"),
+    (lambda c: c["arch"]["hparams"].update(decay=[0.9, 0.99, 0.99, 0.5]),  # shared_codebook true
+     "decay=\\[0.9, 0.99, 0.99, 0.5\\] differs between depths with shared_codebook true; the official code"),
+    (lambda c: c["arch"]["hparams"].update(shared_codebook=False, decay=[0.9, 0.5]), "2 values for 4 code"),
 ])
 def test_bad_configs_exit_2(tmp_path, capsys, edit, message):
     src = _copy(tmp_path, edit)

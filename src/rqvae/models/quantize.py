@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from rqvae.distributed import get_world_size, sample_rows_global
 from rqvae.errors import UserError
-from rqvae.models.quantize_books import book_sizes, check_codes, check_vectors, code_norms, valid_rows
+from rqvae.models import quantize_books as qb  # codebook layout (per-depth sizes / decays), input checks
 from rqvae.models.quantize_fit import CHUNK_ELEMENTS as _CHUNK_ELEMENTS
 from rqvae.models.quantize_fit import argmin_rows, fit_codebooks
 
@@ -78,7 +78,8 @@ class ResidualQuantizer(nn.Module):
         shared_codebook: one codebook for all depths (paper default) or one per depth.
         codebook_sizes: without a shared codebook, optionally a size K_d per depth (max = codebook_size);
             the books are stored padded to K rows (see :mod:`rqvae.models.quantize_books`).
-        ema_decay: decay ``gamma`` of the EMA statistics (official 0.99).
+        ema_decay: decay ``gamma`` of the EMA statistics (official 0.99); without a shared codebook
+            optionally one per depth, for that depth's codebook (the official ``decay`` list).
         eps: Laplace smoothing of the EMA counts (official 1e-5).
         restart_dead_codes: restart codes whose EMA count falls below the threshold.
         dead_code_threshold: a code is dead when its EMA count is below this fraction of uniform usage
@@ -95,30 +96,30 @@ class ResidualQuantizer(nn.Module):
     """
 
     def __init__(self, dim: int, codebook_size: int, depth: int, shared_codebook: bool = True,
-                 ema_decay: float = 0.99, eps: float = 1e-5, restart_dead_codes: bool = True,
-                 dead_code_threshold: float = 0.1, dead_code_relative: bool = True,
-                 commitment_reduction: str = "mean", codebook_sizes: tuple[int, ...] | None = None) -> None:
+                 ema_decay: float | tuple[float, ...] = 0.99, eps: float = 1e-5,
+                 restart_dead_codes: bool = True, dead_code_threshold: float = 0.1,
+                 dead_code_relative: bool = True, commitment_reduction: str = "mean",
+                 codebook_sizes: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if dim < 1 or codebook_size < 1 or depth < 1:
             raise UserError(f"ResidualQuantizer needs dim, codebook_size and depth >= 1, got "
                             f"{dim}, {codebook_size}, {depth}")
         if commitment_reduction not in ("mean", "sum"):
             raise UserError(f"commitment_reduction must be 'mean' or 'sum', got {commitment_reduction!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.dim = dim
         self.codebook_size = codebook_size
         self.depth = depth
         self.shared_codebook = shared_codebook
         self.n_books = 1 if shared_codebook else depth
-        self.book_sizes = book_sizes(codebook_size, depth, shared_codebook, codebook_sizes)  # rows per book
+        self.book_sizes = qb.book_sizes(codebook_size, depth, shared_codebook, codebook_sizes)  # rows/book
         self.ema_decay = ema_decay
+        self.book_decays = qb.book_decays(ema_decay, depth, shared_codebook)  # gamma per book
         self.eps = eps
         self.restart_dead_codes = restart_dead_codes
         self.dead_code_threshold = dead_code_threshold
         self.dead_code_relative = dead_code_relative
         self.commitment_reduction = commitment_reduction
-        self.register_buffer("valid", valid_rows(self.book_sizes, codebook_size), persistent=False)
+        self.register_buffer("valid", qb.valid_rows(self.book_sizes, codebook_size), persistent=False)
         # K / K_b (1 without padding): turns a mean over a book's K rows into the mean over its K_b used rows
         self.register_buffer("pad_scale", torch.tensor([[codebook_size / k] for k in self.book_sizes]),
                              persistent=False)
@@ -138,11 +139,8 @@ class ResidualQuantizer(nn.Module):
                 f"shared_codebook={self.shared_codebook}, ema_decay={self.ema_decay}")
 
     # ------------------------------------------------------------------ checks
-    def _check_vectors(self, z: Tensor, name: str = "z") -> None:
-        check_vectors(z, self.dim, name)
-
     def _check_codes(self, codes: Tensor) -> None:
-        check_codes(codes, [self.book_sizes[b] for b in self.book_of_depth.tolist()])
+        qb.check_codes(codes, [self.book_sizes[b] for b in self.book_of_depth.tolist()])
 
     # ------------------------------------------------------------------ basic maps
     def _book(self, d: int) -> Tensor:
@@ -176,7 +174,7 @@ class ResidualQuantizer(nn.Module):
         ``prefix_weight > 0`` adds ``prefix_weight * sum_{i<d} ||r_i||^2`` to the score, favouring paths
         whose coarse partial sums are also good (0 = plain final error; large = close to greedy).
         """
-        self._check_vectors(z)
+        qb.check_vectors(z, self.dim)
         if beam_size < 1:
             raise UserError(f"beam_size must be >= 1, got {beam_size}")
         lead = z.shape[:-1]
@@ -193,7 +191,7 @@ class ResidualQuantizer(nn.Module):
         n = x.shape[0]
         codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
         books = [self._book(d) for d in range(self.n_books)]
-        sq = code_norms(books, self.valid)  # ||e_k||^2 per book, (K,); +inf on padding rows
+        sq = qb.code_norms(books, self.valid)  # ||e_k||^2 per book, (K,); +inf on padding rows
         chunk = max(1, _CHUNK_ELEMENTS // self.codebook_size)
         buf = torch.empty(min(chunk, n), self.codebook_size, device=x.device)  # distances, reused
         for s in range(0, n, chunk):
@@ -218,7 +216,7 @@ class ResidualQuantizer(nn.Module):
         n_depths = self.depth if n_depths is None else n_depths
         out = torch.empty(n, n_depths, dtype=torch.long, device=x.device)
         books = [self._book(d) for d in range(self.n_books)]
-        sq = code_norms(books, self.valid)
+        sq = qb.code_norms(books, self.valid)
         chunk = max(1, _CHUNK_ELEMENTS // (K * beam_size))
         for s in range(0, n, chunk):
             r = x[s:s + chunk][:, None, :]  # (n, B=1, dim) residual of each partial path
@@ -253,7 +251,7 @@ class ResidualQuantizer(nn.Module):
         In train mode the EMA statistics are updated once per call from the residuals of all depths
         (pooled when the codebook is shared) after the codes have been chosen with the current codebook.
         """
-        self._check_vectors(z)
+        qb.check_vectors(z, self.dim)
         lead = z.shape[:-1]
         with _float32(z.device):
             x = z.reshape(-1, self.dim).float()  # (N, dim), keeps the graph to z
@@ -280,7 +278,7 @@ class ResidualQuantizer(nn.Module):
             N_k <- gamma N_k + (1 - gamma) n_k ;  S_k <- gamma S_k + (1 - gamma) s_k
             e_k  = S_k / ((N_k + eps) / (sum_j N_j + K eps) * sum_j N_j)    # Laplace-smoothed mean
 
-        Codes never used (N_k == 0) keep their current vector.
+        with the decay ``gamma`` of book b. Codes never used (N_k == 0) keep their current vector.
         """
         K, D, dim = self.codebook_size, self.depth, self.dim
         flat_codes = codes + self.book_of_depth * K  # (N, D) index into n_books * K
@@ -293,10 +291,10 @@ class ResidualQuantizer(nn.Module):
             packed = torch.cat([counts, sums.reshape(-1), depth_counts])
             dist.all_reduce(packed)
             counts, sums, depth_counts = packed.split([counts.numel(), sums.numel(), depth_counts.numel()])
-        g = self.ema_decay
-        self.ema_count.mul_(g).add_(counts.view(self.n_books, K), alpha=1 - g)
-        self.ema_sum.mul_(g).add_(sums.view(self.n_books, K, dim), alpha=1 - g)
-        self.depth_count.mul_(g).add_(depth_counts.view(D, K), alpha=1 - g)
+        g = self.book_decays
+        qb.ema_(self.ema_count, counts.view(self.n_books, K), g)
+        qb.ema_(self.ema_sum, sums.view(self.n_books, K, dim), g)
+        qb.ema_(self.depth_count, depth_counts.view(D, K), g * D if self.shared_codebook else g)
         if self.restart_dead_codes:
             self._restart(residuals)
         n = self.ema_count.sum(dim=1, keepdim=True)  # (n_books, 1)
@@ -353,7 +351,7 @@ class ResidualQuantizer(nn.Module):
 
         Returns ``probs`` (..., depth, K) float32 and ``codes`` (..., depth) int64.
         """
-        self._check_vectors(z)
+        qb.check_vectors(z, self.dim)
         if not temperature > 0:
             raise UserError(f"temperature must be > 0, got {temperature}")
         lead, K = z.shape[:-1], self.codebook_size
@@ -363,7 +361,7 @@ class ResidualQuantizer(nn.Module):
             probs = torch.empty(n, self.depth, K, device=x.device)
             codes = torch.empty(n, self.depth, dtype=torch.long, device=x.device)
             books = [self._book(d) for d in range(self.n_books)]
-            sq = code_norms(books, self.valid)
+            sq = qb.code_norms(books, self.valid)
             chunk = max(1, _CHUNK_ELEMENTS // K)
             for s in range(0, n, chunk):
                 r = x[s:s + chunk].clone()
@@ -418,6 +416,6 @@ class ResidualQuantizer(nn.Module):
         k-means initialisation depth by depth, then least-squares refinement on beam-search codes, then
         EMA statistics matching the fit; see :func:`rqvae.models.quantize_fit.fit_codebooks`.
         """
-        self._check_vectors(vectors, "vectors")
+        qb.check_vectors(vectors, self.dim, "vectors")
         return fit_codebooks(self, vectors, kmeans_iters=kmeans_iters, refine_iters=refine_iters,
                              beam_size=beam_size, holdout=holdout, seed=seed, verbose=verbose)

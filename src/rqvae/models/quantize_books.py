@@ -4,6 +4,9 @@ Without a shared codebook each depth d may have its own size K_d (the official R
 list). The codebooks are stored padded to K = max_d K_d rows: rows K_d..K-1 of book d are padding that
 quantization never chooses (their distance is +inf), that the EMA update never touches and that is never
 restarted as a dead code.
+
+Each depth's codebook may also have its own EMA decay (the official ``decay`` as a list): see
+:func:`book_decays` and :func:`ema_`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,29 @@ def book_sizes(codebook_size: int, depth: int, shared: bool,
         raise UserError(f"codebook_sizes {list(sizes)} differ between depths, which needs one codebook per "
                         "depth: set shared_codebook false")
     return sizes[:1] if shared else sizes
+
+
+def book_decays(ema_decay: float | Sequence[float], depth: int, shared: bool) -> tuple[float, ...]:
+    """EMA decay of each codebook: ``ema_decay`` one number for all, or one per depth (not shared)."""
+    many = isinstance(ema_decay, (list, tuple))
+    decays = tuple(float(g) for g in ema_decay) if many else (float(ema_decay),) * depth
+    if not all(0.0 <= g < 1.0 for g in decays):
+        raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if len(decays) != depth:
+        raise UserError(f"ema_decay {list(decays)} must give one decay per depth ({depth})")
+    if shared and len(set(decays)) > 1:
+        raise UserError(f"ema_decay {list(decays)} differs between depths, which needs one codebook per "
+                        "depth: set shared_codebook false")
+    return decays[:1] if shared else decays
+
+
+def ema_(stat: Tensor, new: Tensor, decays: Sequence[float]) -> None:
+    """In place ``stat[i] <- g_i stat[i] + (1 - g_i) new[i]``, ``g_i = decays[i]`` (one op when all equal)."""
+    if len(set(decays)) == 1:
+        stat.mul_(decays[0]).add_(new, alpha=1 - decays[0])
+        return
+    for s, x, g in zip(stat, new, decays, strict=True):
+        s.mul_(g).add_(x, alpha=1 - g)
 
 
 def valid_rows(sizes: Sequence[int], codebook_size: int) -> Tensor:

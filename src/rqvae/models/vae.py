@@ -46,6 +46,7 @@ class RQVAEConfig:
     shared_codebook: bool = True  # one codebook for all depths (the paper's choice)
     codebook_sizes: tuple[int, ...] | None = None  # K_d per depth (not shared; max = codebook_size); None: K
     ema_decay: float = 0.99
+    decays: tuple[float, ...] | None = None  # EMA decay per depth's codebook (not shared); None: ema_decay
     restart_dead_codes: bool = True
     commitment_weight: float = 0.25  # beta; used by the trainer, the model returns the raw loss
     dropout: float = 0.0
@@ -55,6 +56,8 @@ class RQVAEConfig:
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if self.codebook_sizes is not None:
             self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
+        if self.decays is not None:
+            self.decays = tuple(float(g) for g in self.decays)
         problems = []
         if self.in_channels not in (1, 3):
             problems.append(f"in_channels must be 1 or 3, got {self.in_channels}")
@@ -280,7 +283,7 @@ class RQVAE(nn.Module, PretrainedMixin):
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.quantizer = ResidualQuantizer(config.embed_dim, config.codebook_size, config.depth,
                                            shared_codebook=config.shared_codebook,
-                                           ema_decay=config.ema_decay,
+                                           ema_decay=config.decays or config.ema_decay,
                                            restart_dead_codes=config.restart_dead_codes,
                                            codebook_sizes=config.codebook_sizes)
 

@@ -7,7 +7,7 @@ with K + 1 rows (the last row is a padding vector that quantization never select
 tensors.  They become our quantizer's buffers ``codebook`` (n_books, K, n_z), ``ema_count`` (n_books, K)
 and ``ema_sum`` (n_books, K, n_z). Without a shared codebook, ``hparams.n_embed`` can give each depth its
 own size K_d (a list): ours keeps the books padded to K = max K_d rows (``codebook_sizes``, see
-:mod:`rqvae.models.quantize_books`).
+:mod:`rqvae.models.quantize_books`), and ``hparams.decay`` its own EMA decay (a list -> ``decays``).
 """
 
 from __future__ import annotations
@@ -33,16 +33,22 @@ _HPARAM_FIELDS = {"loss_type", "restart_unused_codes", "use_padding_idx", "maske
 _ARCH_FIELDS = {"type", "ema", "hparams", "ddconfig", "checkpointing", "code_hier"}
 
 
-def _one_per_all(hp: dict[str, Any], key: str, default: Any) -> Any:
-    """hparams.decay: a number, or a list with one per depth (official, without a shared codebook); a list
-    must hold one value, since our quantizer has one decay (it acts only in training)."""
-    value = hp.get(key, default)
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise UserError(f"official hparams.{key}={list(value)} differs between depths, which is not "
-                            f"supported (one {key} for all depths)")
-        value = value[0]
-    return value
+def _decays(hp: dict[str, Any], depth: int) -> dict[str, Any]:
+    """hparams.decay: gamma, or a list with one per depth (the official RQBottleneck gives depth d's codebook
+    the EMA decay decay[d] when shared_codebook is false) -> ema_decay, and decays when they differ."""
+    value = hp.get("decay", 0.99)
+    if not isinstance(value, (list, tuple)):
+        return dict(ema_decay=float(value))
+    decays = tuple(float(g) for g in value)
+    if len(decays) != depth:  # the official RQBottleneck asserts this
+        raise UserError(f"official hparams.decay={list(decays)} has {len(decays)} values for {depth} code "
+                        "depths; the official code cannot build it either")
+    if len(set(decays)) == 1:
+        return dict(ema_decay=decays[0])
+    if hp.get("shared_codebook", True):
+        raise UserError(f"official hparams.decay={list(decays)} differs between depths with shared_codebook "
+                        "true; the official code cannot build it either (set it false)")
+    return dict(ema_decay=decays[0], decays=decays)
 
 
 def _codebook_sizes(hp: dict[str, Any], depth: int) -> tuple[int, tuple[int, ...] | None]:
@@ -86,7 +92,6 @@ def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
     for what, value, want in checks:
         check_supported(what, value, want)
     check_supported("ddconfig.out_ch", dd.get("out_ch", dd["in_channels"]), dd["in_channels"])
-    decay = _one_per_all(hp, "decay", 0.99)
     try:
         code_shape, latent_shape = list(hp["code_shape"]), list(hp["latent_shape"])
         n_embed, sizes = _codebook_sizes(hp, int(code_shape[-1]))
@@ -98,7 +103,7 @@ def rqvae_config_from_official(arch: dict[str, Any]) -> RQVAEConfig:
                           z_channels=int(dd["z_channels"]), embed_dim=int(hp["embed_dim"]),
                           codebook_size=n_embed, depth=int(code_shape[-1]),
                           shared_codebook=bool(hp.get("shared_codebook", True)), codebook_sizes=sizes,
-                          ema_decay=float(decay),
+                          **_decays(hp, int(code_shape[-1])),
                           restart_dead_codes=bool(hp.get("restart_unused_codes", True)),
                           commitment_weight=float(hp.get("latent_loss_weight", 0.25)),
                           dropout=float(dd.get("dropout", 0.0)))
