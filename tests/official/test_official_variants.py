@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+from rqvae.cli import main
 from rqvae.errors import UserError
 from rqvae.models.transformer import RQTransformer
 from rqvae.models.vae import RQVAE
@@ -242,15 +244,16 @@ def test_per_depth_vocab_sizes_the_official_code_cannot_build_are_refused(edit, 
         convert_official_rqtransformer(sd, {**official_arch(o), **edit}, torch.randn(D, K + 1, NZ))
 
 
-def test_rqvae_with_per_depth_codebook_sizes_converts_both_stages(tmp_path):
-    """hparams.n_embed [64, 40, 64, 24] without a shared codebook: depth d quantizes with its K_d rows only
-    (greedy residual quantization written out here), and the codebook a stage-2 model embeds with."""
-    sizes = [64, 40, 64, 24]
-    vae = tmp_path / "vae"
+def per_depth_vae(vae: Path, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """The tiny official RQ-VAE in ``vae`` with len(sizes) depths, depth d with its own K_d codes
+    (hparams.n_embed a list, shared_codebook false); returns its state dict."""
     shutil.copytree(OFFICIAL / "rqvae_tiny", vae)
     ckpt = torch.load(vae / "model.pt", weights_only=True)
     sd = ckpt["state_dict"]
     g = torch.Generator().manual_seed(4)
+    for d in range(len(sizes), 4):  # fewer depths: no codebook for the others
+        for name in ("weight", "embed_ema", "cluster_size_ema"):
+            del sd[f"quantizer.codebooks.{d}.{name}"]
     for d, k in enumerate(sizes):  # depth d: K_d codes + the official padding row
         w = sd[f"quantizer.codebooks.{d}.weight"] * (1 + d / 10)
         sd[f"quantizer.codebooks.{d}.weight"] = torch.cat([w[torch.randperm(64, generator=g)[:k]], w[-1:]])
@@ -259,7 +262,17 @@ def test_rqvae_with_per_depth_codebook_sizes_converts_both_stages(tmp_path):
     torch.save(ckpt, vae / "model.pt")
     cfg = yaml.safe_load((vae / "config.yaml").read_text())
     cfg["arch"]["hparams"].update(shared_codebook=False, n_embed=sizes)
+    cfg["arch"]["hparams"]["code_shape"][-1] = len(sizes)
     (vae / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return sd
+
+
+def test_rqvae_with_per_depth_codebook_sizes_converts_both_stages(tmp_path):
+    """hparams.n_embed [64, 40, 64, 24] without a shared codebook: depth d quantizes with its K_d rows only
+    (greedy residual quantization written out here), and the codebook a stage-2 model embeds with."""
+    sizes = [64, 40, 64, 24]
+    vae = tmp_path / "vae"
+    sd = per_depth_vae(vae, sizes)
     convert_official(vae, tmp_path / "vae_ours")
     model = RQVAE.from_pretrained(tmp_path / "vae_ours").eval()
     assert model.config.codebook_sizes == tuple(sizes)
@@ -283,3 +296,29 @@ def test_rqvae_with_per_depth_codebook_sizes_converts_both_stages(tmp_path):
     assert padded.shape == (4, 64, 16)
     for d, book in enumerate(books):
         assert torch.equal(padded[d, :sizes[d]], book) and not padded[d, sizes[d]:].any()
+
+
+def test_vae_codebook_sizes_must_match_per_depth(tmp_path, capsys):
+    """--vae: each depth's codebook size of the RQ-VAE must equal the RQ-Transformer's (the same largest size
+    is not enough); a mismatch is one line naming both lists."""
+    o = OPTIONS["vocab-per-depth-learned"]  # vocab_size [5, 12, 8], learned embeddings
+    src = tmp_path / "official"
+    src.mkdir()
+    torch.save({"state_dict": official_state(o, torch.Generator().manual_seed(7))}, src / "model.pt")
+    (src / "config.yaml").write_text(yaml.safe_dump({"arch": official_arch(o)}))
+    per_depth_vae(tmp_path / "vae_match", [5, 12, 8])
+    convert_official(src, tmp_path / "ar", vae_dir=tmp_path / "vae_match")
+    assert RQTransformer.from_pretrained(tmp_path / "ar").config.codebook_sizes == (5, 12, 8)
+
+    per_depth_vae(tmp_path / "vae_swapped", [5, 8, 12])
+    assert main(["convert-official", str(src), str(tmp_path / "ar2"), "--vae", str(tmp_path / "vae_swapped")
+                 ]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "codebook sizes per depth [5, 8, 12] differ from the RQ-Transformer's vocab_size [5, 12, 8]" in err
+    ragged = tmp_path / "vae_ragged"
+    per_depth_vae(ragged, [64, 40, 64, 24])  # and a stage-2 model with one size 64 for all depths
+    message = r"\[64, 40, 64, 24\] differ from the RQ-Transformer's vocab_size \[64, 64, 64, 64\]"
+    with pytest.raises(UserError, match=message):
+        convert_official(OFFICIAL / "rqtransformer_class_tiny", tmp_path / "ar3", vae_dir=ragged)
+    assert not (tmp_path / "ar2").exists() and not (tmp_path / "ar3").exists()

@@ -162,13 +162,15 @@ def _rename(key: str) -> str:
 
 
 def convert_official_rqtransformer(state_dict: dict[str, torch.Tensor], arch: dict[str, Any],
-                                   codebook: torch.Tensor | None = None) -> RQTransformer:
+                                   codebook: torch.Tensor | None = None, *,
+                                   vae_sizes: tuple[int, ...] | None = None) -> RQTransformer:
     """Official stage-2 state dict + arch + the paired RQ-VAE codebook -> RQTransformer (eval mode). A model
     with learned code embeddings on both sides (``input_emb_vqvae`` and ``head_emb_vqvae`` false) needs none.
 
     ``codebook``: (K, n_z), the official (K + 1, n_z) tensor whose last row is padding, or our quantizer's
     (n_books, K, n_z) buffer: one codebook per depth when n_books = D and they differ (see
-    :func:`load_codebook`).
+    :func:`load_codebook`). ``vae_sizes``: the RQ-VAE's codebook size per depth (see
+    :func:`load_vae_codebook`), which must equal the RQ-Transformer's.
     """
     uses_codebook = needs_codebook(arch)
     if uses_codebook and codebook is None:
@@ -180,6 +182,10 @@ def convert_official_rqtransformer(state_dict: dict[str, torch.Tensor], arch: di
     config = rqtransformer_config_from_official(arch, state_dict, per_depth_codebooks=per_depth)
     codebook = _as_codebook(codebook, config.vocab_size, config.depth) if uses_codebook \
         else torch.zeros(config.codebook_shape)
+    if vae_sizes is not None and tuple(vae_sizes) != config.depth_vocab:
+        raise UserError(f"the RQ-VAE's codebook sizes per depth {list(vae_sizes)} differ from the "
+                        f"RQ-Transformer's vocab_size {list(config.depth_vocab)}; pass the RQ-VAE it was "
+                        "trained with")
     state = {}
     for k, v in state_dict.items():
         if k == "tok_emb.offsets":  # TupleEmbedding: depth d's rows from K_0 + ... + K_{d-1}, as ours
@@ -220,8 +226,15 @@ def _as_codebook(codebook: torch.Tensor, vocab_size: int, depth: int) -> torch.T
 def load_codebook(vae_dir: str | os.PathLike) -> torch.Tensor:
     """The codebook of an RQ-VAE folder, ours (config.json + model.safetensors) or an official one (model.pt
     + config.yaml): (K, n_z) when shared by all depths, else (D, K, n_z)."""
-    cb = load_rqvae(vae_dir).quantizer.codebook.detach()  # (n_books, K, n_z)
-    return cb if _codebooks_differ(cb) else cb[0].contiguous()
+    return load_vae_codebook(vae_dir)[0]
+
+
+def load_vae_codebook(vae_dir: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """:func:`load_codebook` and the RQ-VAE's codebook size per depth (K_0, ..., K_{D-1})."""
+    q = load_rqvae(vae_dir).quantizer
+    cb = q.codebook.detach()  # (n_books, K, n_z)
+    sizes = tuple(q.book_sizes[0 if q.shared_codebook else d] for d in range(q.depth))
+    return (cb if _codebooks_differ(cb) else cb[0].contiguous()), sizes
 
 
 def convert_official_rqtransformer_dir(src_dir: str | os.PathLike, vae_dir: str | os.PathLike,
