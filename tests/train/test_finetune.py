@@ -216,3 +216,15 @@ def test_ar_from_the_official_fixtures(tmp_path):
     with pytest.raises(UserError, match="has width=64 but"):
         train_ar(ar_cfg(tmp_path, vae_dir, "p", init_from=str(OFFICIAL / "rqtransformer_class_tiny"),
                         preset="fmnist-small"), dataset=ds)
+
+
+def test_finetune_may_change_per_depth_decays_but_not_the_architecture():
+    from rqvae.models.vae import RQVAEConfig
+    from rqvae.train.finetune import VAE_TRAINING_FIELDS, with_architecture_of
+
+    base = RQVAEConfig(shared_codebook=False, depth=2, decays=(0.9, 0.5))
+    out = with_architecture_of(base, {"decays": None, "ema_decay": 0.95}, source="m",
+                               training_fields=VAE_TRAINING_FIELDS)
+    assert out.decays is None and out.ema_decay == 0.95 and out.depth == 2
+    with pytest.raises(UserError, match="depth"):
+        with_architecture_of(base, {"depth": 4}, source="m", training_fields=VAE_TRAINING_FIELDS)

@@ -31,7 +31,7 @@ INIT_HELP = ("start a new run from this model's weights with a fresh optimizer (
              "official checkpoint folder (model.pt + config.yaml); the architecture is the model's")
 FREEZE_PARTS = ("encoder", "codebook")
 # RQ-VAE config fields that change training only (may differ from the --init-from model's)
-VAE_TRAINING_FIELDS = frozenset({"ema_decay", "restart_dead_codes", "commitment_weight", "dropout"})
+VAE_TRAINING_FIELDS = frozenset({"ema_decay", "decays", "restart_dead_codes", "commitment_weight", "dropout"})
 # RQ-Transformer fields set from the data and the RQ-VAE, and fields that change training only
 AR_DATA_FIELDS = frozenset({"code_shape", "vocab_size", "embed_dim", "cond_type", "num_classes",
                             "text_vocab_size", "cond_len", "class_names"})
