@@ -20,7 +20,8 @@ def build_image_dataset(spec: str, image_size: int, channels: int, split: str = 
     ``fmnist`` / ``fmnist:/dir`` (Fashion-MNIST IDX files). ``resize_mode`` fits non-square images to the
     square: "crop" (centre crop) or "pad" (letterbox with the edge pixels), see ``rqvae.data.images``;
     Fashion-MNIST is square already. Extra keyword arguments go to the dataset class (``eager_scan_limit``
-    for folders; ``shuffle_buffer``, ``num_classes``, ``seed`` for shards)."""
+    and ``cache``, the decoded-image cache: on unless ``$RQVAE_IMAGE_CACHE`` is 0, see
+    :mod:`rqvae.data.decoded`, for folders; ``shuffle_buffer``, ``num_classes``, ``seed`` for shards)."""
     spec = str(spec)
     check_resize_mode(resize_mode)
     if spec == "fmnist" or spec.startswith("fmnist:"):
