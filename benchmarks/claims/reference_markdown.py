@@ -1,0 +1,108 @@
+"""The "Reference run" section of ``docs/results.md`` from ``RUN/results.json``'s ``reference`` rows."""
+
+from __future__ import annotations
+
+import argparse
+
+from claims import curves, machine, spread
+from claims.experiments import ABLATION
+from claims.reference import ARMS, MAIN, SEEDS, phases
+
+SECTION = "reference-run"
+
+
+def _plateau(label: str, row: dict | None, key: str = "plateau") -> str:
+    if row is None:
+        return f"| {label} | (not finished) | |"
+    return f"| {label} | {row['steps']} | {curves.describe(row[key])} |"
+
+
+def _training(rows: dict) -> list[str]:
+    lines = ["### Training to a plateau", "",
+             "Validation on a held-out 2% of the training images every steps / 6; the last two values and "
+             "their relative change (the classifier validates only at its end: its training loss instead).",
+             "", "| model | steps | last two values, relative change |", "|---|---|---|",
+             _plateau("RQ-VAE, val PSNR (dB) at full depth", rows.get("vae")),
+             _plateau("RQ-VAE, val reconstruction MSE", rows.get("vae"), "plateau_loss"),
+             _plateau("classifier, training loss", rows.get("classifier"))]
+    for arm in ARMS:
+        lines.append(_plateau(f"RQ-Transformer {arm}, val bits per code", rows.get(f"ar/{arm}")))
+    return lines
+
+
+def _main_results(rows: dict) -> list[str]:
+    lines = ["", "### The main model (soft labels + stochastic sampling, seed 0)", ""]
+    s, clf = rows.get(f"samples/{MAIN}"), rows.get("classifier")
+    if clf:
+        lines.append(f"Classifier accuracy on the real test images: {clf['test_accuracy']:.4f}.")
+    if s:
+        lines += [f"FID of {s['samples']} class-balanced samples against {s['reference_images']} test "
+                  "images: "
+                  f"**{s['fid']:.2f}**; floor ({s['samples']} training images against the same test "
+                  f"images): {s['floor']:.2f}; FID - floor {s['fid'] - s['floor']:.2f}. Classifier "
+                  f"accuracy on the samples (each judged against the class asked for): "
+                  f"**{s['accuracy']:.4f}**.", "", "![samples per class](img/reference_samples.png)"]
+    r = rows.get("recon")
+    if r:
+        lines += ["", f"Tokenizer on {r['images']} test images (rFID: the test images against their "
+                  f"reconstructions from the first d codes; floor: {r['images']} training images against the "
+                  f"same test images = **{r['floor']:.2f}**):", "",
+                  "| depth d | PSNR (dB) | SSIM | rFID | rFID - floor |", "|---|---|---|---|---|"]
+        lines += [f"| {p['depth']} | {p['psnr']:.2f} | {p['ssim']:.4f} | {p['rfid']:.2f} | "
+                  f"{p['rfid'] - r['floor']:.2f} |" for p in r["per_depth"]]
+        lines += ["", "![coarse to fine](img/reference_coarse_to_fine.png)"]
+    return lines
+
+
+def _arm_values(rows: dict, name: str) -> tuple[list[float], list[float], float | None]:
+    fids, accs, floor = [], [], None
+    for seed in SEEDS:
+        s = rows.get(f"samples/{name}-s{seed}")
+        if s is None:
+            continue
+        a = s.get("ablation", s)
+        fids.append(a["fid"])
+        accs.append(a["accuracy"])
+        if "ablation" not in s:
+            floor = s["floor"]
+    return fids, accs, floor
+
+
+def _ablation(rows: dict, args: argparse.Namespace) -> list[str]:
+    lines = ["", f"### Table 2's ablation ({args.ablation_samples} samples per arm, two seeds each)", "",
+             f"FID of {args.ablation_samples} class-balanced samples against the same {args.ref} test images "
+             "(the seed-0 soft + stochastic arm is the main model: its first samples); mean +- half the "
+             "seed-to-seed range (with two seeds, the two values).", "",
+             "| training | FID per seed | FID | classifier accuracy | floor |", "|---|---|---|---|---|"]
+    values = {}
+    for name in ABLATION:
+        fids, accs, floor = _arm_values(rows, name)
+        values[name] = (fids, accs)
+        if fids:
+            floor_s = f"{floor:.2f}" if floor is not None else ""
+            lines.append(f"| {name} | {', '.join(f'{v:.2f}' for v in fids)} | {spread.fmt(fids)} | "
+                         f"{spread.fmt(accs, 4)} | {floor_s} |")
+    (fa, aa), (fb, ab) = values["hard+greedy"], values["soft+stochastic"]
+    if len(fa) == len(fb) == len(SEEDS):
+        for what, a, b, lower, digits in (("FID", fa, fb, True, 2), ("accuracy", aa, ab, False, 4)):
+            diff, verdict = spread.compare(a, b, lower_is_better=lower)
+            verdict = verdict.replace("b better", "soft + stochastic better (the paper's claim)") \
+                .replace("a better", "hard + greedy better (against the paper)")
+            lines.append(f"\n{what}: soft + stochastic minus hard + greedy = {diff:+.{digits}f}; "
+                         f"verdict: **{verdict}**.")
+    return lines
+
+
+def section(results: dict, args: argparse.Namespace) -> str:
+    rows, m = results.get("reference", {}), results.get("reference_machine", {})
+    missing = [n for phase in phases() for n in phase if n not in rows]
+    lines = ["## Reference run (Fashion-MNIST, trained to a plateau)", "",
+             "Measured by `benchmarks/fmnist_reference.py`:", "", f"    {m.get('command', '?')}", "",
+             f"Machine: {machine.describe(m) if m else '?'}. Started {m.get('started', '?')}; "
+             f"last update {results.get('reference_updated', '?')}. Recipe: the demo's (`DemoConfig` "
+             f"defaults, stage 1 `{rows.get('vae', {}).get('recipe', '?')}`), longer."]
+    if missing:
+        lines += ["", f"**Partial: still running or not yet started: {', '.join(missing)}.**"]
+    lines += [""] + _training(rows) + _main_results(rows) + _ablation(rows, args)
+    lines += ["", "Wall time per piece (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in rows.items())]
+    return "\n".join(lines) + "\n"
