@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import time
 from pathlib import Path
 
 import torch
 
+from claims import recipe
+from claims.curves import plateau
 from claims.store import save, training_seconds
 from rqvae.data.build import build_image_dataset
 from rqvae.data.images import save_image
 from rqvae.demo.config import DEMO_AR_MODEL, DemoConfig
 from rqvae.demo.stages import generate_images
-from rqvae.eval.fid import fid
+from rqvae.eval.fid import fid, fid_floor, reference_stats
 from rqvae.eval.figures import coarse_to_fine_grid
 from rqvae.eval.inception import InceptionFeatures
 from rqvae.eval.tokenizer import evaluate_tokenizer
@@ -27,7 +30,7 @@ from rqvae.models.transformer import RQTransformer
 from rqvae.models.vae import RQVAE
 from rqvae.train.ar import TrainARConfig, train_ar
 from rqvae.train.classifier import evaluate_dataset, train_classifier
-from rqvae.train.vae import TrainVAEConfig, train_vae
+from rqvae.train.vae import train_vae
 
 # name -> (RQVAEConfig overrides of the fmnist32-8x8x4 preset, label in the table)
 TOKENIZERS = {
@@ -51,60 +54,58 @@ def inception() -> InceptionFeatures:
     return InceptionFeatures()
 
 
-def train_tokenizer(name: str, overrides: dict, args: argparse.Namespace, out: Path):
-    run = out / "vae" / name
-    if (run / "model" / "config.json").is_file():
+def row_key(name: str, seed: int, args: argparse.Namespace) -> str:
+    """A Table 4 row's key in results.json: the tokenizer, the seed and the recipe (older rows, keyed by
+    the name alone or by another recipe, are never mixed with these)."""
+    return f"{name}|s{seed}|{recipe.vae_recipe(DemoConfig(), args.vae_steps)}"
+
+
+def tokenizer_run(out: Path, key: str) -> Path:
+    name, seed, rec = key.split("|")
+    return out / "vae" / f"{name}-{seed}-{hashlib.sha256(rec.encode()).hexdigest()[:8]}"
+
+
+def train_tokenizer(key: str, args: argparse.Namespace, out: Path) -> RQVAE:
+    """One tokenizer of Table 4 with the demo's stage-1 recipe (``claims.recipe``), resumed if
+    interrupted, reused if done."""
+    run = tokenizer_run(out, key)
+    if (run / "model-last" / "config.json").is_file():
         return RQVAE.from_pretrained(run / "model")
-    cfg = TrainVAEConfig(
-        data=args.data,
-        run_dir=str(run),
-        preset="fmnist32-8x8x4",
-        model=dict(overrides),
-        batch_size=args.batch_size,
-        steps=args.vae_steps,
-        seed=args.seed,
-        checkpoint_every=max(1, args.vae_steps // 2),
-        log_every=50,
-        sample_every=0,
-        resume=(run / "checkpoints").is_dir(),
-        disc_start=args.vae_steps // 2,
-        progress=args.progress,
-        tensorboard=False,
-    )
+    name, seed, _ = key.split("|")
+    cfg = recipe.vae_config(run, data=args.data, steps=args.vae_steps, seed=int(seed[1:]),
+                            overrides=TOKENIZERS[name][0], progress=args.progress)
     return train_vae(cfg)
 
 
-def table4_row(name: str, args: argparse.Namespace, out: Path) -> dict:
-    """Train (or reuse) one tokenizer of Table 4 and score it on the test split."""
-    overrides, label = TOKENIZERS[name]
+def table4_row(key: str, args: argparse.Namespace, out: Path) -> dict:
+    """Train (or reuse) one tokenizer of Table 4 (one seed) and score it on the test split: rFID beside
+    the floor at that size (as many training images against the same test images), PSNR, SSIM."""
+    name, seed, rec = key.split("|")
     t = time.time()
-    vae = train_tokenizer(name, overrides, args, out).eval()
-    train_s = training_seconds(out / "vae" / name, time.time() - t)
-    ev = evaluate_tokenizer(
-        vae,
-        args.data,
-        split="test",
-        count=args.eval_images,
-        net=inception(),
-        cache_dir=out / "cache",
-        progress=args.progress,
-    )
+    vae = train_tokenizer(key, args, out).eval()
+    train_s = training_seconds(tokenizer_run(out, key), time.time() - t)
+    net, cache = inception(), out / "cache"
+    ev = evaluate_tokenizer(vae, args.data, split="test", count=args.eval_images, net=net, cache_dir=cache,
+                            progress=args.progress)
+    ref, _, _ = reference_stats(args.data, net, 32, 1, "test", args.eval_images, cache_dir=cache)
     full = ev["per_depth"][-1]
     h, w, d = vae.code_shape()
     return {
-        "label": label,
-        "code_shape": [h, w, d],
-        "codebook_size": vae.config.codebook_size,
+        "name": name, "seed": int(seed[1:]), "recipe": rec, "steps": args.vae_steps,
+        "label": TOKENIZERS[name][1], "code_shape": [h, w, d], "codebook_size": vae.config.codebook_size,
         "rfid": ev["rfid"],
-        "psnr": full["psnr"],
-        "ssim": full["ssim"],
-        "psnr_per_depth": [r["psnr"] for r in ev["per_depth"]],
-        "codes_used": ev["code_usage"]["used"],
-        "perplexity": ev["code_usage"]["perplexity"],
-        "params": sum(p.numel() for p in vae.parameters()),
-        "train_seconds": round(train_s, 1),
+        "floor": fid_floor(args.data, "train", args.eval_images, ref, net, 32, 1, cache_dir=cache, seed=1),
+        "psnr": full["psnr"], "ssim": full["ssim"], "psnr_per_depth": [r["psnr"] for r in ev["per_depth"]],
+        "codes_used": ev["code_usage"]["used"], "perplexity": ev["code_usage"]["perplexity"],
+        "plateau": plateau(tokenizer_run(out, key), f"val/psnr_d{d}"),
+        "params": sum(p.numel() for p in vae.parameters()), "train_seconds": round(train_s, 1),
         "eval_images": ev["num_images"],
     }
+
+
+def main_tokenizer(out: Path, args: argparse.Namespace) -> Path:
+    """The 8x8x4 tokenizer (seed 0) that Table 2 and Figure 5 use."""
+    return tokenizer_run(out, row_key("rq-8x8x4-K256", 0, args)) / "model"
 
 
 def _train_ar(name: str, args: argparse.Namespace, out: Path, vae_dir: Path) -> RQTransformer:
@@ -135,7 +136,7 @@ def _train_ar(name: str, args: argparse.Namespace, out: Path, vae_dir: Path) -> 
 
 def table2_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     """Train (or reuse) one arm of Table 2's ablation; FID and classifier accuracy of its samples."""
-    vae_dir = out / "vae" / "rq-8x8x4-K256" / "model"
+    vae_dir = main_tokenizer(out, args)
     vae = RQVAE.from_pretrained(vae_dir).eval()
     clf = Classifier.from_pretrained(out / "classifier").eval()
     t = time.time()
@@ -164,7 +165,7 @@ def table2_row(name: str, args: argparse.Namespace, out: Path) -> dict:
 
 
 def figure5(out: Path, docs_img: Path, args: argparse.Namespace) -> Path:
-    vae = RQVAE.from_pretrained(out / "vae" / "rq-8x8x4-K256" / "model").eval()
+    vae = RQVAE.from_pretrained(main_tokenizer(out, args)).eval()
     test = build_image_dataset(args.data, 32, 1, split="test")
     images = torch.stack([test[i]["image"] for i in range(10)])
     return save_image(coarse_to_fine_grid(vae, images), docs_img / "paper_claims_fig5.png")

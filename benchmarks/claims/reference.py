@@ -180,5 +180,5 @@ def piece(name: str, args: argparse.Namespace, out: Path) -> dict:
 def phases() -> list[list[str]]:
     """The pieces in order: each phase needs only what earlier phases made."""
     return [["vae", "classifier", "real-test", "real-train"],
-            [*(f"ar/{a}" for a in ARMS), "recon"],
+            ["recon", *(f"ar/{a}" for a in ARMS)],  # recon first: one AR arm builds the code cache alone
             [f"samples/{a}" for a in ARMS]]
