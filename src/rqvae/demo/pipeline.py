@@ -32,6 +32,7 @@ from rqvae.data.images import make_grid, save_image
 from rqvae.demo.config import DEMO_AR_MODEL, DemoConfig
 from rqvae.demo.plots import plot_loss_curves
 from rqvae.demo.report import fmt, write_report
+from rqvae.demo.side import SideJobs, fid_reference_count
 from rqvae.demo.stages import generate_images, train_or_load_ar, train_or_load_classifier, train_or_load_vae
 from rqvae.errors import UserError
 from rqvae.eval.fid import fid_floor, frechet_distance, reference_stats
@@ -66,11 +67,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     test = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="test")
     net = InceptionFeatures(cfg.inception) if cfg.eval_samples > 0 else None
 
-    vae = _timed(timings, "vae", "1/4 RQ-VAE (stage 1)", lambda: train_or_load_vae(cfg, out).eval())
-    classifier, classifier_test_acc = _timed(timings, "classifier", "2/4 classifier (for in-domain accuracy)",
-                                             lambda: train_or_load_classifier(cfg, out))
-    ar = _timed(timings, "ar", "3/4 RQ-Transformer (stage 2, class-conditional)",
-                lambda: train_or_load_ar(cfg, out).eval())
+    side = SideJobs.start(cfg, fid_reference_count(cfg, len(test)))
+    try:
+        vae = _timed(timings, "vae", "1/4 RQ-VAE (stage 1)", lambda: train_or_load_vae(cfg, out).eval())
+        if side is None:
+            classifier, classifier_test_acc = _timed(timings, "classifier", "2/4 classifier (for in-domain "
+                                                     "accuracy)", lambda: train_or_load_classifier(cfg, out))
+        else:
+            side.reclaim_if_done()
+        ar = _timed(timings, "ar", "3/4 RQ-Transformer (stage 2, class-conditional)",
+                    lambda: train_or_load_ar(cfg, out).eval())
+        if side is not None:
+            timings.update(_timed(timings, "waiting for the side process", "2/4 classifier and the real "
+                                  "images' FID statistics (side process)", side.wait))
+            classifier, classifier_test_acc = train_or_load_classifier(cfg, out)
+    finally:
+        if side is not None:
+            side.close()
 
     _stage("4/4 samples, figures, metrics")
     t = time.time()
@@ -116,7 +129,7 @@ def _metrics(cfg: DemoConfig, out: Path, *, vae: Any, ar: Any, classifier: Any,
     """Test PSNR per depth, rFID, the classifier's accuracy on real and generated images, and FID, each
     FID beside its floor: as many real training images against the same held-out test images."""
     metrics: dict[str, Any] = {}
-    n = min(cfg.fid_ref_count or n_test, n_test)
+    n = fid_reference_count(cfg, n_test)
     size, ch, cache = cfg.image_size, cfg.channels, out / "cache"
     ref = None
     if net is not None:  # the held-out statistics, shared by FID and rFID (computed once, cached)
