@@ -12,3 +12,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cache_in_session_tmp(tmp_path_factory):
+    """Every cache the code writes (decoded images, features, FID statistics) goes to a folder of this test
+    session, never to ~/.cache, and never inside a test's image folder (which would look like a class)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RQVAE_CACHE", str(tmp_path_factory.mktemp("rqvae-session-cache")))
+        yield

@@ -7,11 +7,16 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from rqvae.data.decoded import IMAGE_CACHE_HELP
 from rqvae.data.fmnist import FMNIST_DIR, FashionMNIST
 from rqvae.data.folder import ImageFolderDataset
-from rqvae.data.images import check_resize_mode
+from rqvae.data.images import HUGE_IMAGES_HELP, check_resize_mode
 from rqvae.data.webdataset import WebImageDataset
 from rqvae.errors import UserError
+
+# The --data help of the training commands: what a spec may be, and how image folders are read.
+DATA_HELP = ("image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'; "
+             + IMAGE_CACHE_HELP + "; " + HUGE_IMAGES_HELP)
 
 
 def build_image_dataset(spec: str, image_size: int, channels: int, split: str = "train",

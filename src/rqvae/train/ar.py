@@ -49,6 +49,7 @@ import torch
 from rqvae import distributed as dist
 from rqvae.config import option
 from rqvae.data import ResumableBatchSampler, build_image_dataset
+from rqvae.data.build import DATA_HELP
 from rqvae.data.features import load_or_build_features
 from rqvae.data.images import RESIZE_HELP, RESIZE_MODES
 from rqvae.data.text import TOKENIZER_NAME, encode_texts, save_tokenizer
@@ -90,7 +91,7 @@ __all__ = ["ARTask", "Conditions", "TrainARConfig", "ar_image_loss", "ar_text_lo
 @dataclass(kw_only=True)
 class TrainARConfig(TrainerConfig, ValidationConfig):
     vae: str = option(help="folder of the trained RQ-VAE (a train-vae run's model/)")
-    data: str = option(help="image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'")
+    data: str = option(help=DATA_HELP)
     init_from: str | None = option(None, INIT_HELP + "; on data with another class count the class "
                                          "embeddings are new", metavar="DIR")
     allow_new_codebook: bool = option(False, "with --init-from: accept a --vae whose codebook differs from "

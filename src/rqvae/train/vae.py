@@ -39,6 +39,7 @@ from torch.utils.data import IterableDataset
 from rqvae import distributed as dist
 from rqvae.config import option
 from rqvae.data import build_image_dataset, collate, make_loader
+from rqvae.data.build import DATA_HELP
 from rqvae.data.images import RESIZE_HELP, RESIZE_MODES
 from rqvae.distributed import DistInfo
 from rqvae.errors import UserError
@@ -82,7 +83,7 @@ __all__ = ["TrainVAEConfig", "VAETask", "psnr_from_mse", "train_vae"]
 
 @dataclass(kw_only=True)
 class TrainVAEConfig(TrainerConfig, ValidationConfig):
-    data: str = option(help="image folder, WebDataset shards ('shards/{000..009}.tar'), or 'fmnist[:DIR]'")
+    data: str = option(help=DATA_HELP)
     init_from: str | None = option(None, INIT_HELP, metavar="DIR")
     freeze: str | None = option(None, "parts kept fixed, comma-separated: encoder (encoder + quant_conv "
                                       "weights), codebook (no EMA updates or dead-code restarts)",
