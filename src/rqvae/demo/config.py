@@ -48,7 +48,8 @@ class DemoConfig:
     ar_steps: int = option(800, "RQ-Transformer optimizer steps")
     ar_batch_size: int = option(32, "RQ-Transformer batch size")
     ar_lr: float | None = option(2e-3, "RQ-Transformer peak learning rate (cosine decay; None: the preset's)")
-    ar_soft_labels: bool = option(True, "train stage 2 on the paper's soft labels (--no-ar-soft-labels: one-hot)")
+    ar_soft_labels: bool = option(True, "train stage 2 on the paper's soft labels "
+                                        "(--no-ar-soft-labels: one-hot)")
     ar_stochastic: bool = option(True, "train stage 2 on codes sampled from the soft labels (the paper's "
                                        "stochastic sampling; --no-ar-stochastic: greedy codes)")
     # ---- sampling and evaluation

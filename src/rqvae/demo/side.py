@@ -47,7 +47,7 @@ def _side(cfg: DemoConfig, threads: int, n_ref: int) -> dict[str, float]:
     times = {}
     print("[side process] training the classifier", flush=True)
     t = time.time()
-    train_or_load_classifier(side, Path(cfg.out))
+    train_or_load_classifier(side, Path(cfg.out), evaluate=False)  # the main process scores it
     times["classifier (side process)"] = time.time() - t
     if cfg.eval_samples > 0:
         print(f"[side process] Inception statistics of {n_ref} test and {n_ref} training images", flush=True)

@@ -51,9 +51,10 @@ def train_or_load_vae(cfg: DemoConfig, out: Path) -> Any:
     return train_vae(tcfg)
 
 
-def train_or_load_classifier(cfg: DemoConfig, out: Path) -> tuple[Any, float | None]:
+def train_or_load_classifier(cfg: DemoConfig, out: Path, evaluate: bool = True) -> tuple[Any, float | None]:
+    """The classifier (trained and saved to OUT/classifier unless it is there) and, with ``evaluate``, its
+    accuracy on the test split."""
     folder = out / "classifier"
-    test = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="test")
     model = _reuse(folder, Classifier, "classifier")
     if model is None:
         train = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="train", augment=True)
@@ -66,6 +67,9 @@ def train_or_load_classifier(cfg: DemoConfig, out: Path) -> tuple[Any, float | N
                          lr=cfg.classifier_lr, seed=cfg.seed, progress=cfg.progress,
                          run_dir=str(folder / "run"))
         model.save_pretrained(folder)
+    if not evaluate:
+        return model.eval(), None
+    test = build_image_dataset(cfg.data, cfg.image_size, cfg.channels, split="test")
     return model.eval(), evaluate_dataset(model, test)
 
 
