@@ -32,7 +32,7 @@ from rqvae.data.images import make_grid, save_image
 from rqvae.demo.config import DEMO_AR_MODEL, DemoConfig
 from rqvae.demo.plots import plot_loss_curves
 from rqvae.demo.report import fmt, write_report
-from rqvae.demo.side import SideJobs, fid_reference_count
+from rqvae.demo.side import FLOOR_SEED, REFERENCE_SEED, SideJobs, fid_reference_count
 from rqvae.demo.stages import generate_images, train_or_load_ar, train_or_load_classifier, train_or_load_vae
 from rqvae.errors import UserError
 from rqvae.eval.fid import fid_floor, frechet_distance, reference_stats
@@ -134,7 +134,7 @@ def _metrics(cfg: DemoConfig, out: Path, *, vae: Any, ar: Any, classifier: Any,
     ref = None
     if net is not None:  # the held-out statistics, shared by FID and rFID (computed once, cached)
         ref, _, _ = reference_stats(cfg.data, net, size, ch, "test", n, cache_dir=cache,
-                                    progress=cfg.progress)
+                                    seed=REFERENCE_SEED, progress=cfg.progress)
     tok = evaluate_tokenizer(vae, cfg.data, split="test", count=n, rfid=net is not None, net=net,
                              cache_dir=cache, progress=cfg.progress)
     psnr_per_depth = {d: r["psnr"] for d, r in _per_depth(tok).items()}
@@ -143,7 +143,7 @@ def _metrics(cfg: DemoConfig, out: Path, *, vae: Any, ar: Any, classifier: Any,
     if classifier_test_acc is not None:
         metrics["classifier accuracy on real test images"] = classifier_test_acc
     if ref is not None:
-        floor = fid_floor(cfg.data, "train", n, ref, net, size, ch, cache_dir=cache, seed=1,
+        floor = fid_floor(cfg.data, "train", n, ref, net, size, ch, cache_dir=cache, seed=FLOOR_SEED,
                           progress=cfg.progress)
         metrics[f"FID floor ({n} train vs {n} test images)"] = floor
         metrics[f"rFID ({n} test reconstructions vs the same test images)"] = tok["rfid"]

@@ -25,6 +25,11 @@ from rqvae.demo.stages import train_or_load_classifier
 from rqvae.eval.fid import reference_stats
 from rqvae.eval.inception import InceptionFeatures
 
+# Subset seeds of the real images' statistics: the held-out reference, and the floor's training images
+# (seed 1, so they are not the first n training images the models saw first). The evaluation reads the
+# same cache entries, so both must use these.
+REFERENCE_SEED, FLOOR_SEED = 0, 1
+
 
 def fid_reference_count(cfg: DemoConfig, n_test: int) -> int:
     """How many held-out images FID is measured against (and training images the floor uses)."""
@@ -32,9 +37,8 @@ def fid_reference_count(cfg: DemoConfig, n_test: int) -> int:
 
 
 def real_image_stats(cfg: DemoConfig, net: InceptionFeatures, n: int) -> None:
-    """The held-out reference statistics and the floor's training-image statistics, cached in OUT/cache
-    (the floor's subset uses seed 1, so it is not the first n training images the models saw first)."""
-    for split, seed in (("test", 0), ("train", 1)):
+    """The held-out reference statistics and the floor's training-image statistics, cached in OUT/cache."""
+    for split, seed in (("test", REFERENCE_SEED), ("train", FLOOR_SEED)):
         reference_stats(cfg.data, net, cfg.image_size, cfg.channels, split, n,
                         cache_dir=Path(cfg.out) / "cache", seed=seed, progress=False)
 
