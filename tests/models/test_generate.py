@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rqvae.models.generate_fast as gf
+import rqvae.models.step_linear as step_linear
 from rqvae.models.sampling import Sampler
 from rqvae.models.transformer import RQTransformer
 from tests.helpers.ar_fixtures import VARIANTS, cond_for, make
@@ -106,10 +107,10 @@ def test_fast_path_without_the_private_onednn_op(monkeypatch):
     model = make("class", width=512, n_heads=8, code_shape=(2, 2, 2), cfg_dropout=0.1, scale=0.06)
     cond = cond_for(model, 2)
     with_onednn = both(model, cond, 2, top_k=4, cfg_scale=2.0)
-    monkeypatch.setattr(gf, "onednn_linear_available", lambda: False)
+    monkeypatch.setattr(step_linear, "onednn_linear_available", lambda: False)
     used = []
-    init = gf._Linear.__init__
-    monkeypatch.setattr(gf._Linear, "__init__",
+    init = step_linear.StepLinear.__init__
+    monkeypatch.setattr(step_linear.StepLinear, "__init__",
                         lambda self, *a, **k: (init(self, *a, **k), used.append(self.onednn))[0])
     ref, fast = both(model, cond, 2, top_k=4, cfg_scale=2.0)
     assert used and not any(used)
@@ -136,12 +137,3 @@ def test_unknown_impl_is_a_user_error():
 
     with pytest.raises(UserError, match="impl"):
         make("class").generate(torch.arange(2), impl="turbo")
-
-
-def test_auto_dtype_is_fp32_on_a_cpu_without_fast_bf16(monkeypatch):
-    import rqvae.models.sampling as sampling
-
-    monkeypatch.setattr(sampling, "cpu_has_amx", lambda: False)
-    assert sampling.default_dtype("cpu") == torch.float32
-    monkeypatch.setattr(sampling, "cpu_has_amx", lambda: True)
-    assert sampling.default_dtype("cpu") == torch.bfloat16

@@ -183,16 +183,16 @@ def test_flop_count_scales_with_batch_and_guidance():
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_cached_greedy_with_wide_layers_equals_full_forward_greedy(cfg_scale, monkeypatch):
     """Width 512 puts the sampler's large matmuls on its packed-weight (oneDNN) fp32 path."""
-    import rqvae.models.generate_fast as gf
+    import rqvae.models.step_linear as step_linear
 
     packed = []
-    init = gf._Linear.__init__
+    init = step_linear.StepLinear.__init__
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
         packed.append(self.onednn)
 
-    monkeypatch.setattr(gf._Linear, "__init__", spy)
+    monkeypatch.setattr(step_linear.StepLinear, "__init__", spy)
     model = make("class", width=512, n_heads=8, code_shape=(2, 2, 2), cfg_dropout=0.1)
     with torch.no_grad():  # smaller weights keep the 512-wide logits well separated from ties
         for p in model.parameters():
@@ -201,7 +201,7 @@ def test_cached_greedy_with_wide_layers_equals_full_forward_greedy(cfg_scale, mo
     B = 2
     cond = cond_for(model, B)
     got = model.generate(cond, batch_size=B, top_k=1, cfg_scale=cfg_scale, dtype=torch.float32)
-    if gf.onednn_linear_available():
+    if step_linear.onednn_linear_available():
         assert any(packed), "no layer took the packed-weight path"
     assert torch.equal(got, full_forward_greedy(model, cond, B, cfg_scale))
 

@@ -5,12 +5,18 @@ the model's own Block modules with a KV cache), only faster for the few rows of 
 
 - weights packed once per call: q, k, v fused into one matmul with the outputs grouped per head (so one
   token's q, k, v of a head are adjacent and attention needs no transposes), the softmax scale folded into
-  the query, weights transposed to (in, out) for one ``addmm`` in the compute dtype;
+  the query, each linear in its dtype (:class:`rqvae.models.step_linear.StepLinear`; ``dtype=None`` picks
+  the faster of fp32 and bf16 per weight shape from a one-time measurement cached per machine);
 - the codebook projected through input_mlp / head_mlp once, so embedding a sampled code is a row lookup;
-- one static cache per layer with keys and values side by side, (B * heads, slots, 2, head_dim);
-- large fp32 weights on a CPU go through oneDNN's packed-weight linear with a fused GELU. That op is
-  private (``torch.ops.mkldnn._linear_pointwise``), so it is used only when :func:`onednn_linear_available`
-  says this torch build has it; otherwise the plain ``addmm`` path runs.
+- one static cache per layer, keys and values in one tensor (B * heads, 2, slots, head_dim): one copy
+  writes a token's key and value, and the filled prefix of each is a plain strided matrix for ``bmm``
+  (keys and values interleaved per slot would make ``bmm`` copy the whole prefix at every step);
+- the attention over the cache in fp32 on a CPU, also when the linears run in bf16 (a bf16 ``bmm`` of
+  these shapes is slower there);
+- bf16 weights and large fp32 weights on a CPU go through oneDNN's packed-weight linear with a fused GELU.
+  That op is private (``torch.ops.mkldnn._linear_pointwise``), so it is used only when
+  :func:`~rqvae.models.step_linear.onednn_linear_available` says this torch build has it; otherwise the
+  plain ``addmm`` path runs.
 
 tests/models/test_generate.py checks that this path and the reference draw identical codes (greedy and seeded
 sampling, with and without guidance). A change to the model's block maths must be made in both.
@@ -18,78 +24,39 @@ sampling, with and without guidance). A change to the model's block maths must b
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rqvae.models.sampling import Sampler
-from rqvae.models.transformer_blocks import activation
+from rqvae.models.sampling import Sampler, default_dtype
+from rqvae.models.step_linear import StepLinear, step_dtype
 
 
-@functools.lru_cache(maxsize=1)
-def onednn_linear_available() -> bool:
-    """True when this torch build has oneDNN's packed-weight linear ops (private API, may vanish)."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    return (torch.backends.mkldnn.is_available() and ops is not None
-            and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
-
-
-class _Linear:
-    """x @ W^T + b (optionally then a GELU, "exact" or "sigmoid") for the few rows of one sampling step.
-
-    At small batch a matmul streams its whole weight for a handful of rows. For fp32 weights of at least
-    ONEDNN_MIN_WEIGHT entries on a CPU, the weight is reordered once into oneDNN's blocked layout for a
-    batch of ``rows`` and the GELU is fused: 1.1-1.25x faster than MKL's sgemm for 8 rows on an AVX2
-    CPU from 512 x 1536 up, slower below 256 x 1024 (measured, weights rotating through the L3 cache as
-    in sampling). Otherwise (and without the private op): one addmm on the transposed weight (in, out) in
-    the compute dtype. A missing bias is a zero one (adding zeros changes no value). Only the exact GELU is
-    fused; the sigmoid one runs after the matmul.
-    """
-
-    ONEDNN_MIN_WEIGHT: ClassVar[int] = 2**19
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dt: torch.dtype, rows: int,
-                 gelu: str | None = None) -> None:
-        self.fused = gelu == "exact"
-        self.act = None if gelu is None else activation(gelu)
-        if bias is None:
-            bias = weight.new_zeros(weight.shape[0])
-        self.onednn = (dt == torch.float32 and weight.device.type == "cpu"
-                       and weight.numel() >= self.ONEDNN_MIN_WEIGHT // (2 if self.fused else 1)
-                       and onednn_linear_available())
-        if self.onednn:
-            self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), rows)
-            self.b = bias.detach().float().contiguous()
-        else:
-            self.w = weight.detach().t().to(dt).contiguous()  # (in, out)
-            self.b = bias.detach().to(dt)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
-        if self.onednn:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "gelu" if self.fused else "none", [],
-                                                    "none" if self.fused else "")
-        else:
-            y = torch.addmm(self.b, x, self.w)
-        return self.act(y) if self.act is not None and not (self.onednn and self.fused) else y
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dt: torch.dtype | None, rows: int,
+            gelu: str | None = None) -> StepLinear:
+    """A StepLinear in ``dt``; ``dt`` None: the faster dtype for this shape (:func:`step_dtype`, CPU) or
+    the device's default (bf16 on CUDA)."""
+    if dt is None:
+        dt = step_dtype(*weight.shape, rows, gelu) if weight.device.type == "cpu" \
+            else default_dtype(weight.device)
+    return StepLinear(weight, bias, dt, rows, gelu)
 
 
 @dataclass
 class _BlockWeights:
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv: _Linear  # C -> 3C: outputs ordered (head, q/k/v, head_dim), the query scaled by 1/sqrt(hd)
-    proj: _Linear  # C -> C
+    qkv: StepLinear  # C -> 3C: outputs ordered (head, q/k/v, head_dim), the query scaled by 1/sqrt(hd)
+    proj: StepLinear  # C -> C
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    fc1: _Linear  # C -> 4C, then the GELU (the exact one fused where the backend can)
-    fc2: _Linear  # 4C -> C
+    fc1: StepLinear  # C -> 4C, then the GELU (the exact one fused where the backend can)
+    fc2: StepLinear  # 4C -> C
 
     @classmethod
-    def pack(cls, block: nn.Module, n_heads: int, dt: torch.dtype, rows: int) -> _BlockWeights:
+    def pack(cls, block: nn.Module, n_heads: int, dt: torch.dtype | None, rows: int) -> _BlockWeights:
         """Pack a :class:`~rqvae.models.transformer_blocks.Block` (ln1, attn.{query,key,value,proj}, ln2,
         mlp)."""
         a = block.attn
@@ -102,28 +69,28 @@ class _BlockWeights:
             qkv_b = torch.stack([a.query.bias, a.key.bias, a.value.bias])  # (3, C_out)
             qkv_b = (qkv_b * scale[:, None]).view(3, n_heads, -1).transpose(0, 1).reshape(3 * C)
         fc1, fc2 = block.mlp[0], block.mlp[2]
-        return cls(block.ln1.weight, block.ln1.bias, _Linear(qkv_w, qkv_b, dt, rows),
-                   _Linear(a.proj.weight, a.proj.bias, dt, rows), block.ln2.weight, block.ln2.bias,
-                   _Linear(fc1.weight, fc1.bias, dt, rows, gelu=block.mlp[1].kind),
-                   _Linear(fc2.weight, fc2.bias, dt, rows))
+        return cls(block.ln1.weight, block.ln1.bias, _linear(qkv_w, qkv_b, dt, rows),
+                   _linear(a.proj.weight, a.proj.bias, dt, rows), block.ln2.weight, block.ln2.bias,
+                   _linear(fc1.weight, fc1.bias, dt, rows, gelu=block.mlp[1].kind),
+                   _linear(fc2.weight, fc2.bias, dt, rows))
 
     def step(self, x: torch.Tensor, kv_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor:
         """One pre-LN block on one new token per row, x (B, C), at cache slot ``pos`` (fp32 residual stream).
 
-        kv_cache (B * heads, slots, 2, head_dim) holds the keys and values of slots 0..pos-1; the token's
+        kv_cache (B * heads, 2, slots, head_dim) holds the keys and values of slots 0..pos-1; the token's
         own key and value are written to slot pos and its query attends to slots 0..pos:
         softmax(q K^T / sqrt(hd)) V per head, as two batched matmuls over the filled prefix only.
         """
         B, C = x.shape
-        dt = kv_cache.dtype
-        hid = F.layer_norm(x, (C,), self.ln1_w, self.ln1_b).to(dt)
+        hid = F.layer_norm(x, (C,), self.ln1_w, self.ln1_b)  # each linear casts its input to its dtype
         qkv = self.qkv(hid).view(B * n_heads, 3, -1)  # (B*h, 3, hd), q pre-scaled
-        kv_cache[:, pos] = qkv[:, 1:]
-        kv = kv_cache[:, :pos + 1]  # (B*h, n, 2, hd)
-        att = torch.softmax(torch.bmm(qkv[:, :1], kv[:, :, 0].transpose(1, 2)), -1, dtype=torch.float32)
-        y = torch.bmm(att.to(dt), kv[:, :, 1]).view(B, C)  # (B*h, 1, hd) -> (B, C)
+        kv_cache[:, :, pos] = qkv[:, 1:]
+        k, v = kv_cache[:, 0, :pos + 1], kv_cache[:, 1, :pos + 1]  # (B*h, n, hd) each
+        kv_dt = kv_cache.dtype
+        att = torch.softmax(torch.bmm(qkv[:, :1].to(kv_dt), k.transpose(1, 2)), -1, dtype=torch.float32)
+        y = torch.bmm(att.to(kv_dt), v).view(B, C)  # (B*h, 1, hd) -> (B, C)
         x = x + self.proj(y).float()
-        hid = F.layer_norm(x, (C,), self.ln2_w, self.ln2_b).to(dt)
+        hid = F.layer_norm(x, (C,), self.ln2_w, self.ln2_b)
         return x + self.fc2(self.fc1(hid)).float()
 
 
@@ -148,7 +115,7 @@ def _code_table(model: nn.Module, kind: str, mlp: str) -> tuple[torch.Tensor, to
 class FastSampler:
     """The packed weights and static caches of one ``generate`` call on ``rows`` sequences (Bx)."""
 
-    def __init__(self, model: nn.Module, dt: torch.dtype, rows: int) -> None:
+    def __init__(self, model: nn.Module, dt: torch.dtype | None, rows: int) -> None:
         c = model.config
         self.config, self.dt, self.rows = c, dt, rows
         H, W, D = c.code_shape
@@ -159,17 +126,20 @@ class FastSampler:
         self.cumulative = c.depth_emb == "codebook" and c.cumsum_depth  # head_mlp of the sum: sum the rows
         self.head_ln_w, self.head_ln_b = model.head.ln.weight, model.head.ln.bias
         lin = model.head.linear
-        self.heads = ([_Linear(lin.weight[d, :k], lin.bias[d, :k], dt, rows)  # depth d: its K_d outputs
+        self.heads = ([_linear(lin.weight[d, :k], lin.bias[d, :k], dt, rows)  # depth d: its K_d outputs
                        for d, k in enumerate(c.depth_vocab)] if c.per_depth_head
-                      else [_Linear(lin.weight, lin.bias, dt, rows)] * D)
+                      else [_linear(lin.weight, lin.bias, dt, rows)] * D)
         # image-slot inputs before the code rows: PE_T(t) + D * input_mlp.bias (the bias counts D times)
         self.pos_spatial = model.pos_spatial + input_bias * c.depth  # (T, C)
         self.pos_depth = model.pos_depth  # (D, C)
         device = model.codebook.device
-        self.s_kv = torch.empty(len(self.spatial), rows * c.n_heads, c.cond_len + H * W - 1, 2,
-                                c.width // c.n_heads, dtype=dt, device=device)  # per spatial layer: L + T - 1
-        self.d_kv = torch.empty(len(self.depth), rows * c.depth_heads, D, 2, c.width // c.depth_heads,
-                                dtype=dt, device=device)  # per depth layer: D slots
+        # on a CPU the attention over the cache runs in fp32 whatever dt is: its bf16 bmm copies the strided
+        # prefix at every step and is 1.5-3x slower than fp32 at these sizes (measured, AVX-512 bf16 CPU)
+        kv_dt = torch.float32 if device.type == "cpu" else (dt or default_dtype(device))
+        self.s_kv = torch.empty(len(self.spatial), rows * c.n_heads, 2, c.cond_len + H * W - 1,
+                                c.width // c.n_heads, dtype=kv_dt, device=device)  # per spatial layer: L+T-1
+        self.d_kv = torch.empty(len(self.depth), rows * c.depth_heads, 2, D, c.width // c.depth_heads,
+                                dtype=kv_dt, device=device)  # per depth layer: D slots
 
     def spatial_step(self, x: torch.Tensor, pos: int) -> torch.Tensor:  # (Bx, C) at slot pos -> (Bx, C)
         for i, blk in enumerate(self.spatial):
@@ -188,7 +158,7 @@ class FastSampler:
             y = v
             for i, blk in enumerate(self.depth):
                 y = blk.step(y, self.d_kv[i], d, self.config.depth_heads)
-            hid = F.layer_norm(y, (self.config.width,), self.head_ln_w, self.head_ln_b).to(self.dt)
+            hid = F.layer_norm(y, (self.config.width,), self.head_ln_w, self.head_ln_b)
             code = sampler.draw(self.heads[d](hid), d)  # (Bx,)
             codes[:, d] = code
             img_in = img_in + F.embedding(code, self.input_table[d])  # (Bx, C)
@@ -199,8 +169,10 @@ class FastSampler:
         return codes, img_in
 
 
-def generate_fast(model: nn.Module, cond: torch.Tensor, sampler: Sampler, dt: torch.dtype) -> torch.Tensor:
-    """Codes (Bx, T, D) for a checked condition (Bx, L) of an RQTransformer; same maths as the reference."""
+def generate_fast(model: nn.Module, cond: torch.Tensor, sampler: Sampler,
+                  dt: torch.dtype | None) -> torch.Tensor:
+    """Codes (Bx, T, D) for a checked condition (Bx, L) of an RQTransformer; same maths as the reference.
+    ``dt``: the matmul dtype; None picks the faster one per weight shape (see :func:`_linear`)."""
     c = model.config
     T, L = c.num_positions, c.cond_len
     fs = FastSampler(model, dt, cond.shape[0])

@@ -273,7 +273,9 @@ class RQTransformer(PretrainedMixin, nn.Module):
         cfg_scale: classifier-free guidance, logits = l_uncond + s * (l_cond - l_uncond); the conditional
         and null-conditional batches run together (needs a model trained with cfg_dropout).
         generator: a torch.Generator on the model's device for reproducible samples.
-        dtype: compute dtype of the matmuls; default bfloat16 on CUDA and on CPUs with AMX, else float32.
+        dtype: compute dtype of the matmuls. Default (None): bfloat16 on CUDA; on a CPU the faster of
+        float32 and bfloat16, measured once per machine (per weight shape on the fast path, see
+        :mod:`rqvae.models.step_linear`; bf16 only where the CPU has bf16 instructions and it wins).
         LayerNorm, softmax and the residual stream stay float32 (as autocast does).
         impl: "reference" runs :meth:`_generate_reference` (this module's blocks with KV caches), "fast"
         the optimised :func:`rqvae.models.generate_fast.generate_fast` (same maths, packed weights, 1.1-3x
@@ -291,12 +293,11 @@ class RQTransformer(PretrainedMixin, nn.Module):
                             f"create it with torch.Generator(device={str(device)!r})")
         if sampler.guided:
             cond = torch.cat([cond, self.null_cond(B)], dim=0)  # (2B, L): conditional, then null
-        dt = dtype or default_dtype(device)
         with torch.inference_mode():
             if impl == "reference":
-                out = self._generate_reference(cond, sampler, dt)
+                out = self._generate_reference(cond, sampler, dtype or default_dtype(device))
             else:
-                out = generate_fast(self, cond, sampler, dt)  # (Bx, T, D)
+                out = generate_fast(self, cond, sampler, dtype)  # (Bx, T, D)
         return out[:B].reshape(B, *self.config.code_shape).clone()  # clone: a normal tensor, not an
         # inference tensor (those cannot be used in autograd later)
 
