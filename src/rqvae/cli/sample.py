@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="matmul dtype while sampling (auto: bf16 on CUDA; on a CPU the faster of fp32 and "
-                        "bf16 for each weight shape, measured once per machine)")
+                        help="matmul dtype while sampling (auto: bf16 on CUDA; on a CPU the faster of fp32 "
+                        "and bf16 for each weight shape, measured once per machine)")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(n))")
 
 

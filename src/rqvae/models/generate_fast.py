@@ -86,7 +86,7 @@ class _BlockWeights:
         qkv = self.qkv(hid).view(B * n_heads, 3, -1)  # (B*h, 3, hd), q pre-scaled
         kv_cache[:, :, pos] = qkv[:, 1:]
         k, v = kv_cache[:, 0, :pos + 1], kv_cache[:, 1, :pos + 1]  # (B*h, n, hd) each
-        if k.device.type == "cpu":  # fp32 attention (CPU bf16 bmm is slower here); exact: k, v are bf16 values
+        if k.device.type == "cpu":  # fp32 attention (a CPU bf16 bmm is slower); exact: k, v hold bf16 values
             k, v = k.float(), v.float()
         kv_dt = k.dtype
         att = torch.softmax(torch.bmm(qkv[:, :1].to(kv_dt), k.transpose(1, 2)), -1, dtype=torch.float32)
@@ -135,9 +135,9 @@ class FastSampler:
         self.pos_spatial = model.pos_spatial + input_bias * c.depth  # (T, C)
         self.pos_depth = model.pos_depth  # (D, C)
         device = model.codebook.device
-        # keys and values kept in the dtype the qkv linear computes them in (bf16 halves the memory read at each
-        # step, which bounds the spatial attention at large batch); on a CPU the attention itself runs in fp32
-        # (a bf16 bmm of these shapes copies the strided prefix and is 1.5-3x slower, measured)
+        # keys and values kept in the dtype the qkv linear computes them in (bf16 halves the memory read at
+        # each step, which bounds the spatial attention at large batch); on a CPU the attention itself runs in
+        # fp32 (a bf16 bmm of these shapes copies the strided prefix and is 1.5-3x slower, measured)
         self.s_kv = torch.empty(len(self.spatial), rows * c.n_heads, 2, c.cond_len + H * W - 1,
                                 c.width // c.n_heads, dtype=self.spatial[0].qkv.dtype,
                                 device=device)  # per spatial layer: L + T - 1 slots
