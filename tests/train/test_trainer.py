@@ -138,8 +138,9 @@ def test_every_task_runs_through_the_one_trainer(tmp_path, monkeypatch, capsys):
 
     for name in ("vae", "ar", "clf"):  # one metric naming
         last = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
-        for key in ("loss/total", "lr", "grad_norm", "time/step_s", "perf/images_per_s"):
+        for key in ("loss/total", "lr", "grad_norm", "time/step_s", "time/data_s", "perf/images_per_s"):
             assert key in last, (name, key)
+        assert 0 <= last["time/data_s"] <= last["time/step_s"]
     for name in ("vae", "ar"):  # one sample naming
         assert [p.name for p in (tmp_path / name / "samples").iterdir()] == ["step_0000002.png"]
     err = capsys.readouterr().err

@@ -199,7 +199,8 @@ class Trainer:
         # RNG stream so a resumed run continues with exactly the RNG state of the checkpoint.
         with torch.random.fork_rng(devices=[]):
             self.batches = iter(task.batches(self.step * cfg.grad_accum))
-        self._window: dict[str, Any] = {"sums": {}, "ok": 0, "steps": 0, "t": time.perf_counter()}
+        self._window: dict[str, Any] = {"sums": {}, "ok": 0, "steps": 0, "data_s": 0.0,
+                                        "t": time.perf_counter()}
 
     # -------------------------------------------------------------------------------------------- step
     def _optimizer_step(self) -> dict[str, torch.Tensor] | None:
@@ -212,7 +213,10 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         parts: dict[str, torch.Tensor] = {}
         for i in range(cfg.grad_accum):
-            out = task.train_step(next(self.batches), step=step, micro=step * cfg.grad_accum + i,
+            t = time.perf_counter()
+            batch = next(self.batches)
+            self._window["data_s"] += time.perf_counter() - t  # waiting for data, logged as time/data_s
+            out = task.train_step(batch, step=step, micro=step * cfg.grad_accum + i,
                                   scale=1.0 / cfg.grad_accum)
             for k, v in out.items():
                 parts[k] = parts.get(k, 0.0) + v.detach().float() / cfg.grad_accum
@@ -271,9 +275,10 @@ class Trainer:
         elapsed = max(now - w["t"], 1e-9)
         images = w["steps"] * self.cfg.batch_size * self.cfg.grad_accum * self.info.world_size
         means.update({"lr": self._lr, "nonfinite_steps": self.guard.total,
-                      "time/step_s": elapsed / w["steps"], "perf/images_per_s": images / elapsed})
+                      "time/step_s": elapsed / w["steps"], "time/data_s": w["data_s"] / w["steps"],
+                      "perf/images_per_s": images / elapsed})
         self.logger.scalars(self.step, means)
-        self._window = {"sums": {}, "ok": 0, "steps": 0, "t": now}
+        self._window = {"sums": {}, "ok": 0, "steps": 0, "data_s": 0.0, "t": now}
 
     def _validate(self, step: int) -> None:
         """The task's held-out metrics (on the weights that would be saved), the best model, early stop."""
