@@ -243,10 +243,12 @@ def main() -> None:
     out = lambda s="": (print(s), lines.append(s))
 
     peak32 = peak_gflops(torch.float32, 2048, 3)
-    peak16 = None if args.no_bf16 else peak_gflops(torch.bfloat16, 2048 if bf16_fast() else 512, 2)
+    n16 = 2048 if bf16_fast() else 512  # emulated bf16 would take minutes at 2048^3
+    peak16 = None if args.no_bf16 else peak_gflops(torch.bfloat16, n16, 2)
     peak = {torch.float32: peak32, torch.bfloat16: peak16}
 
-    flags = " --no-bf16" if args.no_bf16 else ""
+    flags = f" --config-batch-sizes {args.config_batch_sizes}" + (" --no-bf16" if args.no_bf16 else "")
+    flags += " --bf16-all" if args.bf16_all else ""
     if args.baseline_rev:
         flags += f" --baseline-rev {args.baseline_rev} --baseline-repeats {args.baseline_repeats}"
     out(f"`.venv/bin/python benchmarks/sampling_speed.py --threads {args.threads} --batch-sizes "
@@ -257,7 +259,7 @@ def main() -> None:
     out()
     out(f"Matmul peak measured in the same run (per wall second / per CPU second): fp32 {peak32[0]:.1f} / "
         f"{peak32[1]:.1f} GFLOP/s (2048^3)"
-        + ("" if peak16 is None else f", bf16 {peak16[0]:.1f} / {peak16[1]:.1f} GFLOP/s (512^3)") + ".")
+        + ("" if peak16 is None else f", bf16 {peak16[0]:.1f} / {peak16[1]:.1f} GFLOP/s ({n16}^3)") + ".")
     out()
     out("On a shared machine the wall time includes waiting for a core; the process CPU time does not,")
     out("so with one thread it approximates the wall time on an idle core (from above: caches are shared).")
