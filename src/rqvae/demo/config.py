@@ -65,8 +65,8 @@ class DemoConfig:
                                    "accuracy, see docs/demo.md)")
     fig5_images: int = option(8, "test images in the coarse-to-fine figure")
     seed: int = option(0, "random seed")
-    bf16: bool = option(False, "bf16 autocast where it is fast (CUDA, AMX CPUs); measured no better here, "
-                               "so float32 by default")
+    bf16: bool = option(False, "bf16 autocast where it is measured faster (CUDA; CPUs with AMX or AVX-512 "
+                               "bf16); float32 by default, the setting the demo's figures were measured in")
     parallel: bool = option(True, "train the classifier and compute the real images' FID statistics in a "
                                   "second process (half of the threads) while the RQ-VAE and RQ-Transformer "
                                   "train: small models use two threads poorly, so this finishes sooner")

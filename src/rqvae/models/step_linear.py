@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -138,9 +139,10 @@ class _Choices:
         except (OSError, ValueError):
             self.table = {}
 
-    def get(self, key: str, out_features: int, in_features: int, rows: int, gelu: str | None) -> dict:
+    def get(self, key: str, measure_times: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """The times stored under ``key``, measured (and stored) first if missing."""
         if key not in self.table:
-            self.table[key] = measure(out_features, in_features, rows, gelu)
+            self.table[key] = measure_times()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_suffix(f".tmp{os.getpid()}")
@@ -176,5 +178,15 @@ def step_dtype(out_features: int, in_features: int, rows: int, gelu: str | None 
         return torch.float32
     rows = 1 << max(0, rows - 1).bit_length()  # one measurement per power of two
     key = f"{rows}x{in_features}x{out_features}" + (f"+{gelu}" if gelu else "")
-    t = _choices().get(key, out_features, in_features, rows, gelu)
-    return torch.bfloat16 if t["bf16"] * BF16_MARGIN < t["fp32"] else torch.float32
+    t = _choices().get(key, lambda: measure(out_features, in_features, rows, gelu))
+    return faster(t)
+
+
+def faster(times: dict[str, float]) -> torch.dtype:
+    """bf16 when its time beats fp32's by BF16_MARGIN, else fp32."""
+    return torch.bfloat16 if times["bf16"] * BF16_MARGIN < times["fp32"] else torch.float32
+
+
+def measured(key: str, measure_times: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """{"fp32": s, "bf16": s} of this machine stored under ``key``, measured once with ``measure_times``."""
+    return _choices().get(key, measure_times)

@@ -56,7 +56,8 @@ class TrainerConfig:
     batch_size: int = option(32, "images per process and micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     grad_clip: float = option(0.0, "max gradient norm (0: off)")
-    bf16: bool = option(False, "bf16 autocast where bf16 is fast (CUDA, CPUs with AMX); float32 elsewhere")
+    bf16: bool = option(False, "bf16 autocast where it is measured faster (CUDA; CPUs with AMX or AVX-512 "
+                               "bf16, timed once per machine); float32 elsewhere")
     ema_decay: float | None = option(None, "keep an EMA of the weights; the final model is the EMA model",
                                      flag="--ema", metavar="DECAY")
     checkpoint_every: int = option(500, "steps between checkpoints (0: no checkpoints)")
