@@ -5,7 +5,6 @@ All filters act on logits (B, K) and return logits with the removed entries set 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -117,19 +116,6 @@ class Sampler:
         code = sample_from_logits(logits, self.temperatures[d], self.top_ks[d], self.top_ps[d],
                                   self.generator)
         return torch.cat([code, code]) if self.guided else code
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """True when this CPU has AMX bf16 tiles (then bf16 matmuls are several times faster than fp32)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
