@@ -86,7 +86,7 @@ class StepLinear:
 
 def machine_key() -> str:
     """CPU model, the flags that decide matmul speed, torch version and thread count, as a short hash."""
-    flags, model = "", platform.processor()
+    flags, model = "", ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -97,7 +97,7 @@ def machine_key() -> str:
                     break
     except OSError:
         pass
-    text = f"{model}|{flags}|{torch.__version__}|{torch.get_num_threads()}"
+    text = f"{model or platform.processor()}|{flags}|{torch.__version__}|{torch.get_num_threads()}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
