@@ -30,6 +30,7 @@ from rqvae.models.transformer import RQTransformer
 from rqvae.models.vae import RQVAE
 from rqvae.train.ar import TrainARConfig, train_ar
 from rqvae.train.classifier import evaluate_dataset, train_classifier
+from rqvae.train.precision import bf16_is_fast
 from rqvae.train.vae import train_vae
 
 # name -> (RQVAEConfig overrides of the fmnist32-8x8x4 preset, label in the table)
@@ -57,7 +58,7 @@ def inception() -> InceptionFeatures:
 def row_key(name: str, seed: int, args: argparse.Namespace) -> str:
     """A Table 4 row's key in results.json: the tokenizer, the seed and the recipe (older rows, keyed by
     the name alone or by another recipe, are never mixed with these)."""
-    return f"{name}|s{seed}|{recipe.vae_recipe(DemoConfig(), args.vae_steps)}"
+    return f"{name}|s{seed}|{recipe.vae_recipe(DemoConfig(), args.vae_steps, args.bf16)}"
 
 
 def tokenizer_run(out: Path, key: str) -> Path:
@@ -73,7 +74,7 @@ def train_tokenizer(key: str, args: argparse.Namespace, out: Path) -> RQVAE:
         return RQVAE.from_pretrained(run / "model")
     name, seed, _ = key.split("|")
     cfg = recipe.vae_config(run, data=args.data, steps=args.vae_steps, seed=int(seed[1:]),
-                            overrides=TOKENIZERS[name][0], progress=args.progress)
+                            overrides=TOKENIZERS[name][0], progress=args.progress, bf16=args.bf16)
     return train_vae(cfg)
 
 
@@ -100,6 +101,7 @@ def table4_row(key: str, args: argparse.Namespace, out: Path) -> dict:
         "plateau": plateau(tokenizer_run(out, key), f"val/psnr_d{d}"),
         "params": sum(p.numel() for p in vae.parameters()), "train_seconds": round(train_s, 1),
         "eval_images": ev["num_images"],
+        "precision": "bf16" if args.bf16 and bf16_is_fast("cpu") else "fp32",
     }
 
 

@@ -24,6 +24,10 @@ def _header(results: dict, args: argparse.Namespace) -> list[str]:
 
 
 def _table2(t2: dict, results: dict, args: argparse.Namespace) -> list[str]:
+    if not t2:
+        return ["## 2. Table 2's ablation: soft labels and stochastic sampling", "",
+                "Not part of this measurement (`--only table4`): Table 2's ablation, two seeds per arm, is "
+                "in the Reference run section below.", ""]
     lines = [
         "## 2. Table 2's ablation: soft labels and stochastic sampling",
         "",

@@ -76,7 +76,8 @@ def markdown(t4: dict, args: argparse.Namespace) -> list[str]:
         "## 1. Table 4: depth vs codebook size, judged over seeds",
         "",
         f"Every tokenizer trained with the demo's stage-1 recipe `{first.get('recipe', '?')}` (no GAN, "
-        "k-means codebook initialisation, cosine learning rate; only the quantizer / resolution differ), "
+        "k-means codebook initialisation, cosine learning rate; only the quantizer / resolution differ; "
+        f"trained in {'bf16 autocast' if first.get('precision') == 'bf16' else 'float32'}), "
         f"seeds {', '.join(map(str, args.seeds))}, validation on a held-out 2% of the training images every "
         f"steps / 6 (the last relative change of the validation PSNR shows how close to a plateau each is). "
         f"rFID on {args.eval_images} test images against their reconstructions, beside the floor at that "
