@@ -112,6 +112,7 @@ def main() -> None:
     results = load(out / "results.json")
     rows = results.setdefault("reference", {})
     results["reference_machine"] = m = machine.machine(args.workers)
+    results.setdefault("reference_sessions", []).append(m)  # every invocation: a resumed run shows them all
     print(f"machine: {machine.describe(m)}\ncommand: {m['command']}", flush=True)
     results["reference_estimate"] = estimate(args, out, depth=4 if "vae" not in rows else
                                              RQVAE.from_pretrained(out / "vae" / "model").config.depth)

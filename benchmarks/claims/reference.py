@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -28,12 +29,14 @@ from rqvae.models.classifier import Classifier, ClassifierConfig, classifier_acc
 from rqvae.models.transformer import RQTransformer
 from rqvae.models.vae import RQVAE
 from rqvae.train.ar import train_ar
+from rqvae.train.ar_loss import soft_label_stats
 from rqvae.train.classifier import TrainClassifierConfig, fit_classifier
 from rqvae.train.vae import train_vae
 
 SEEDS = (0, 1)
 MAIN = "soft+stochastic-s0"  # the main model: also the ablation's soft+stochastic seed-0 arm
 ARMS = {f"{arm}-s{seed}": (arm, seed) for arm in ABLATION for seed in SEEDS}
+SOFT_TEMPERATURES = (0.5, 0.1, 0.03, 0.01)  # piece_soft_labels: Q_tau at these and at the trained tau
 
 
 def arm_samples(arm: str, args: argparse.Namespace) -> int:
@@ -166,12 +169,29 @@ def piece_samples(arm: str, args: argparse.Namespace, out: Path) -> dict:
     return _timed_row(t0, **row)
 
 
+@torch.no_grad()
+def piece_soft_labels(args: argparse.Namespace, out: Path) -> dict:
+    """How soft the stage-2 targets are on this tokenizer: per depth, the entropy of Q_tau and how often the
+    drawn code is the greedy one (:func:`soft_label_stats`) on the latents of ``--recon-images`` reference
+    test images, at the temperature the arms trained with (read from the main arm's run) and at others."""
+    t0 = time.time()
+    vae = RQVAE.from_pretrained(out / "vae" / "model").eval()
+    test = real_images(args, "test")[:args.recon_images]
+    z = torch.cat([vae.encode_latent(test[i:i + 500]) for i in range(0, len(test), 500)])  # (N, h, w, n_z)
+    trained = json.loads((out / "ar" / MAIN / "train_config.json").read_text())["temperature"]
+    stats = {f"{t:g}": soft_label_stats(vae.quantizer, z, t, torch.Generator().manual_seed(0))
+             for t in sorted({trained, *SOFT_TEMPERATURES}, reverse=True)}
+    return _timed_row(t0, images=len(test), trained_temperature=trained,
+                      codebook_size=vae.config.codebook_size, by_temperature=stats)
+
+
 def piece(name: str, args: argparse.Namespace, out: Path) -> dict:
     """Dispatch a piece by name (a picklable entry point for the worker processes)."""
     kind, _, arg = name.partition("/")
     if kind in ("real-test", "real-train"):
         return piece_real(kind.split("-")[1], args, out)
-    simple = {"vae": piece_vae, "classifier": piece_classifier, "recon": piece_recon}
+    simple = {"vae": piece_vae, "classifier": piece_classifier, "recon": piece_recon,
+              "soft-labels": piece_soft_labels}
     if kind in simple:
         return simple[kind](args, out)
     return {"ar": piece_ar, "samples": piece_samples}[kind](arg, args, out)
@@ -181,4 +201,4 @@ def phases() -> list[list[str]]:
     """The pieces in order: each phase needs only what earlier phases made."""
     return [["vae", "classifier", "real-test", "real-train"],
             ["recon", *(f"ar/{a}" for a in ARMS)],  # recon first: one AR arm builds the code cache alone
-            [f"samples/{a}" for a in ARMS]]
+            [f"samples/{a}" for a in ARMS] + ["soft-labels"]]

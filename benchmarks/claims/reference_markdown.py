@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from claims import curves, machine, spread
 from claims.experiments import ABLATION
@@ -93,16 +94,39 @@ def _ablation(rows: dict, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def _soft_labels(row: dict | None) -> list[str]:
+    if row is None:
+        return []
+    k = row["codebook_size"]
+    lines = ["", "How soft the targets were: the arms trained with soft labels and stochastic codes at "
+             f"temperature {row['trained_temperature']:g}. Q_tau on the latents of {row['images']} test "
+             "images, per depth d = 1..D: the mean entropy of the targets (uniform over K = "
+             f"{k}: {math.log2(k):.2f} bits) and the share of positions whose drawn code is the greedy one:",
+             "", "| temperature | target entropy, bits | drawn code = greedy code |", "|---|---|---|"]
+    for tau, st in row["by_temperature"].items():
+        mark = " (trained)" if float(tau) == row["trained_temperature"] else ""
+        lines.append(f"| {tau}{mark} | {' / '.join(f'{e:.2f}' for e in st['entropy_bits'])} | "
+                     f"{' / '.join(f'{100 * g:.0f}%' for g in st['greedy_share'])} |")
+    return lines
+
+
 def section(results: dict, args: argparse.Namespace) -> str:
-    rows, m = results.get("reference", {}), results.get("reference_machine", {})
+    rows = results.get("reference", {})
+    sessions = results.get("reference_sessions") or [results.get("reference_machine", {})]
+    m = sessions[0]
     missing = [n for phase in phases() for n in phase if n not in rows]
     lines = ["## Reference run (Fashion-MNIST, trained to a plateau)", "",
              "Measured by `benchmarks/fmnist_reference.py`:", "", f"    {m.get('command', '?')}", "",
              f"Machine: {machine.describe(m) if m else '?'}. Started {m.get('started', '?')}; "
              f"last update {results.get('reference_updated', '?')}. Recipe: the demo's (`DemoConfig` "
              f"defaults, stage 1 `{rows.get('vae', {}).get('recipe', '?')}`), longer."]
+    if len(sessions) > 1:
+        lines += ["", "Continued (the same folder; finished pieces are kept): " + "; ".join(
+            f"{s.get('started', '?')}, {s.get('workers', '?')} worker(s) x {s.get('torch_threads', '?')} "
+            f"thread(s): `{s.get('command', '?')}`" for s in sessions[1:]) + "."]
     if missing:
         lines += ["", f"**Partial: still running or not yet started: {', '.join(missing)}.**"]
     lines += [""] + _training(rows) + _main_results(rows) + _ablation(rows, args)
+    lines += _soft_labels(rows.get("soft-labels"))
     lines += ["", "Wall time per piece (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in rows.items())]
     return "\n".join(lines) + "\n"

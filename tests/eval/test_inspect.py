@@ -65,10 +65,17 @@ def test_codebook_report_matches_a_direct_computation(run_dir):
     vae.eval()
     torch.manual_seed(1)
     images = torch.rand(24, 3, 32, 32) * 2 - 1
-    report = codebook_report(vae, TensorImageDataset(images), count=None, batch_size=10)
+    report = codebook_report(vae, TensorImageDataset(images), count=None, batch_size=10,
+                             temperatures=[1e-9, 0.3])
     with torch.no_grad():
         z = vae.encode_latent(images).reshape(-1, 16)
         codes = vae.quantizer.encode(z)
+        probs, _ = vae.quantizer.soft_codes(z, 0.3)  # (N, D, K): entropy over all vectors, by hand
+        entropy = -(probs * probs.clamp_min(1e-30).log2()).sum(-1).mean(0)
+    sharp, mid = report["soft_labels"]
+    assert sharp["temperature"] == 1e-9 and sharp["greedy_share"] == [1.0] * 4
+    assert mid["entropy_bits"][0] == pytest.approx(float(entropy[0]), rel=1e-4)  # depth 1: no draws before it
+    with torch.no_grad():
         for d in (1, 4):
             want = (z - vae.quantizer.decode(codes[:, :d])).norm(dim=1).mean() / z.norm(dim=1).mean()
             assert report["per_depth"][d - 1]["residual_norm"] == pytest.approx(float(want), rel=1e-5)
@@ -85,9 +92,11 @@ def test_codebook_cli_writes_table_and_figure(run_dir, tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
-    args = ["codebook", str(run), "--data", str(imgs), "--split", "train", "-o", str(tmp_path / "cb")]
+    args = ["codebook", str(run), "--data", str(imgs), "--split", "train", "-o", str(tmp_path / "cb"),
+            "--soft-labels", "0.5", "0.01"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "perplexity" in out and (tmp_path / "cb" / "codebook.png").stat().st_size > 1000
+    assert "perplexity" in out and "temperature 0.5:" in out and "temperature 0.01:" in out
+    assert (tmp_path / "cb" / "codebook.png").stat().st_size > 1000
     report = json.loads((tmp_path / "cb" / "codebook.json").read_text())
     assert report["vectors"] == 6 * 64 and len(report["per_depth"]) == 4

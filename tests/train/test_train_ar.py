@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from rqvae.train.ar import (
     step_generator,
     train_ar,
 )
+from rqvae.train.ar_loss import soft_label_lines, soft_label_stats
 
 N_IMAGES = 64
 
@@ -75,8 +77,30 @@ def test_stochastic_codes_vary_between_batches_greedy_do_not(vae_dir, images):
     assert torch.equal(g1, g2) and torch.equal(g1, q.encode(z))
 
 
+def test_soft_label_stats_span_greedy_to_uniform(vae_dir, images):
+    vae = RQVAE.from_pretrained(vae_dir)
+    with torch.no_grad():
+        z = vae.encode_latent(images[0][:8])  # (8, h, w, n_z)
+    q, D, K = vae.quantizer, vae.config.depth, vae.config.codebook_size
+    sharp = soft_label_stats(q, z, 1e-8, torch.Generator().manual_seed(0))
+    assert sharp["greedy_share"] == [1.0] * D and max(sharp["entropy_bits"]) < 1e-3
+    flat = soft_label_stats(q, z, 1e8, torch.Generator().manual_seed(0))
+    assert all(e == pytest.approx(math.log2(K), abs=1e-3) for e in flat["entropy_bits"])
+    assert max(flat["greedy_share"]) < 0.5  # uniform draws: the greedy code about 1 / K of the time
+    probs, _ = q.soft_codes(z, 0.3, stochastic=True, generator=torch.Generator().manual_seed(0))
+    by_hand = -(probs * probs.clamp_min(1e-30).log2()).sum(-1).mean(dim=(0, 1, 2))  # (D,)
+    mid = soft_label_stats(q, z, 0.3, torch.Generator().manual_seed(0))["entropy_bits"]
+    torch.testing.assert_close(torch.tensor(mid), by_hand.float(), atol=1e-5, rtol=1e-5)
+
+    assert not any("WARNING" in line for line in soft_label_lines(q, z, 1e-8, 0))
+    lines = soft_label_lines(q, z, 1e8, 0)
+    assert len(lines) == 2 and "WARNING" in lines[1] and "--temperature" in lines[1]
+
+
 # --------------------------------------------------------------------------------- training runs
-def test_class_conditional_training_lowers_loss_and_caches_features(tmp_path, vae_dir, images, monkeypatch):
+def test_class_conditional_training_lowers_loss_and_caches_features(tmp_path, vae_dir, images, monkeypatch,
+                                                                    caplog):
+    caplog.set_level(logging.INFO, logger="rqvae.train.logger")
     ds = TensorImageDataset(*images)
     calls = {"n": 0}
     orig = RQVAE.encode_latent
@@ -89,6 +113,7 @@ def test_class_conditional_training_lowers_loss_and_caches_features(tmp_path, va
     cfg = _cfg(tmp_path, vae_dir, steps=40, warmup_steps=2, sample_every=0)
     model = train_ar(cfg, dataset=ds)
     assert calls["n"] > 0
+    assert any(r.getMessage().startswith("soft labels at temperature 0.5 (on ") for r in caplog.records)
     losses = _losses(tmp_path / "run")
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     run = tmp_path / "run"

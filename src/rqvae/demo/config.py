@@ -52,6 +52,8 @@ class DemoConfig:
                                         "(--no-ar-soft-labels: one-hot)")
     ar_stochastic: bool = option(True, "train stage 2 on codes sampled from the soft labels (the paper's "
                                        "stochastic sampling; --no-ar-stochastic: greedy codes)")
+    ar_temperature: float = option(0.01, "tau of the soft labels and stochastic codes; the paper's 0.5 is "
+                                         "near-uniform on this tokenizer's latent distances (docs/demo.md)")
     # ---- sampling and evaluation
     samples_per_class: int = option(10, "columns of the per-class sample grid")
     eval_samples: int = option(1000, "generated images for FID and classifier accuracy (0: skip them)")

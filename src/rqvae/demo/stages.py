@@ -81,6 +81,7 @@ def train_or_load_ar(cfg: DemoConfig, out: Path) -> Any:
         vae=str(out / "vae" / "model"), data=cfg.data, run_dir=str(run), cond="class",
         preset=cfg.ar_preset, model=dict(cfg.ar_model), steps=cfg.ar_steps, batch_size=cfg.ar_batch_size,
         lr=cfg.ar_lr, soft_labels=cfg.ar_soft_labels, stochastic=cfg.ar_stochastic,
+        temperature=cfg.ar_temperature,
         bf16=cfg.bf16, checkpoint_every=max(1, cfg.ar_steps // 4),
         log_every=max(1, min(50, cfg.ar_steps // 20)),
         sample_every=0, seed=cfg.seed, resume=(run / "checkpoints").is_dir(), progress=cfg.progress,

@@ -68,7 +68,7 @@ from rqvae.train.ar_init import (
     load_into,
     scratch_config,
 )
-from rqvae.train.ar_loss import ar_image_loss, ar_text_loss, step_generator
+from rqvae.train.ar_loss import ar_image_loss, ar_text_loss, soft_label_lines, step_generator
 from rqvae.train.finetune import INIT_HELP, init_folder, load_init_transformer
 from rqvae.train.optim import build_optimizer, build_scheduler
 from rqvae.train.precision import autocast
@@ -334,6 +334,9 @@ class ARTask(TrainTask):
                  f"K={mc.vocab_size}, cond {self.cond.kind}, {len(self.cache)} cached items "
                  f"({self.cache.path}), lr {cfg.learning_rate():g}, {world_size} process(es) x batch "
                  f"{cfg.batch_size}"]
+        if cfg.soft_labels or cfg.stochastic:
+            z = self.cache.latents[:256].to(device=self.device, dtype=torch.float32)  # (n, h, w, n_z)
+            lines += soft_label_lines(self.vae.quantizer, z, cfg.temperature, cfg.seed)
         if self.cond.kind == "class":
             table = ", ".join(f"{i} {name}" for i, name in enumerate(self.cond.class_names or []))
             lines.append(f"classes (id name): {table}")
