@@ -40,14 +40,14 @@ def vae_config(run: Path, *, data: str, steps: int, seed: int, overrides: dict[s
 
 def ar_config(run: Path, *, vae_dir: Path, data: str, steps: int, seed: int, cache: Path,
               options: dict[str, Any], progress: bool) -> TrainARConfig:
-    """Stage 2 (class-conditional) as the demo trains it, ``steps`` long, with a validation curve."""
+    """Stage 2 (class-conditional) as the demo trains it, ``steps`` long, with a validation curve;
+    ``options`` (TrainARConfig fields, e.g. soft_labels, temperature) override the demo's."""
     demo = DemoConfig()
     return TrainARConfig(
         vae=str(vae_dir), data=data, run_dir=str(run), cond="class", preset=demo.ar_preset,
         model=dict(demo.ar_model), steps=steps, batch_size=demo.ar_batch_size, lr=demo.ar_lr, bf16=demo.bf16,
-        temperature=demo.ar_temperature,
         checkpoint_every=max(1, steps // 6), log_every=max(1, min(50, steps // 20)), sample_every=0,
         seed=seed, val_split=VAL_SPLIT, val_every=max(1, steps // 6),
         resume=(run / "checkpoints").is_dir(), feature_cache=str(cache), progress=progress,
-        tensorboard=False, **options,
+        tensorboard=False, **{"temperature": demo.ar_temperature, **options},
     )

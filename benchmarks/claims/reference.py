@@ -35,7 +35,9 @@ from rqvae.train.vae import train_vae
 
 SEEDS = (0, 1)
 MAIN = "soft+stochastic-s0"  # the main model: also the ablation's soft+stochastic seed-0 arm
-ARMS = {f"{arm}-s{seed}": (arm, seed) for arm in ABLATION for seed in SEEDS}
+PAPER_TAU = 0.5  # the paper's soft-label temperature: an arm beside the demo's (DemoConfig.ar_temperature)
+REF_ARMS = {**ABLATION, "soft+stochastic-tau0.5": {**ABLATION["soft+stochastic"], "temperature": PAPER_TAU}}
+ARMS = {f"{arm}-s{seed}": (arm, seed) for arm in REF_ARMS for seed in SEEDS}
 SOFT_TEMPERATURES = (0.5, 0.1, 0.03, 0.01)  # piece_soft_labels: Q_tau at these and at the trained tau
 
 
@@ -110,9 +112,11 @@ def piece_ar(arm: str, args: argparse.Namespace, out: Path) -> dict:
     run = out / "ar" / arm
     if not (run / "model-last" / "config.json").is_file():
         train_ar(recipe.ar_config(run, vae_dir=out / "vae" / "model", data=args.data, steps=args.ar_steps,
-                                  seed=seed, cache=out / "cache", options=ABLATION[name],
+                                  seed=seed, cache=out / "cache", options=REF_ARMS[name],
                                   progress=args.progress))
-    return _timed_row(t0, steps=args.ar_steps, seed=seed, **ABLATION[name], plateau=plateau(run, "val/bits"))
+    tau = json.loads((run / "train_config.json").read_text())["temperature"]  # the one it trained with
+    options = {**REF_ARMS[name], "temperature": tau}
+    return _timed_row(t0, steps=args.ar_steps, seed=seed, **options, plateau=plateau(run, "val/bits"))
 
 
 @torch.no_grad()
@@ -173,15 +177,16 @@ def piece_samples(arm: str, args: argparse.Namespace, out: Path) -> dict:
 def piece_soft_labels(args: argparse.Namespace, out: Path) -> dict:
     """How soft the stage-2 targets are on this tokenizer: per depth, the entropy of Q_tau and how often the
     drawn code is the greedy one (:func:`soft_label_stats`) on the latents of ``--recon-images`` reference
-    test images, at the temperature the arms trained with (read from the main arm's run) and at others."""
+    test images, at the temperatures the soft-label arms trained with (read from their runs) and at others."""
     t0 = time.time()
     vae = RQVAE.from_pretrained(out / "vae" / "model").eval()
     test = real_images(args, "test")[:args.recon_images]
     z = torch.cat([vae.encode_latent(test[i:i + 500]) for i in range(0, len(test), 500)])  # (N, h, w, n_z)
-    trained = json.loads((out / "ar" / MAIN / "train_config.json").read_text())["temperature"]
+    trained = sorted({json.loads((out / "ar" / a / "train_config.json").read_text())["temperature"]
+                      for a, (name, _) in ARMS.items() if REF_ARMS[name]["soft_labels"]}, reverse=True)
     stats = {f"{t:g}": soft_label_stats(vae.quantizer, z, t, torch.Generator().manual_seed(0))
-             for t in sorted({trained, *SOFT_TEMPERATURES}, reverse=True)}
-    return _timed_row(t0, images=len(test), trained_temperature=trained,
+             for t in sorted({*trained, *SOFT_TEMPERATURES}, reverse=True)}
+    return _timed_row(t0, images=len(test), trained_temperatures=trained,
                       codebook_size=vae.config.codebook_size, by_temperature=stats)
 
 
