@@ -30,8 +30,10 @@ def _training(rows: dict) -> list[str]:
     return lines
 
 
-def _main_results(rows: dict) -> list[str]:
-    lines = ["", "### The main model (soft labels + stochastic sampling, seed 0)", ""]
+def _main_results(rows: dict, args: argparse.Namespace) -> list[str]:
+    tau = rows.get(f"ar/{MAIN}", {}).get("temperature")
+    lines = ["", "### The main model (soft labels + stochastic sampling, seed 0"
+             + (f", temperature {tau:g})" if tau is not None else ")"), ""]
     s, clf = rows.get(f"samples/{MAIN}"), rows.get("classifier")
     if clf:
         lines.append(f"Classifier accuracy on the real test images: {clf['test_accuracy']:.4f}.")
@@ -42,6 +44,12 @@ def _main_results(rows: dict) -> list[str]:
                   f"images): {s['floor']:.2f}; FID - floor {s['fid'] - s['floor']:.2f}. Classifier "
                   f"accuracy on the samples (each judged against the class asked for): "
                   f"**{s['accuracy']:.4f}**.", "", "![samples per class](img/reference_samples.png)"]
+    for key, other in rows.items():  # other arms sampled at the main model's size (an earlier main model)
+        if key.startswith("samples/") and key != f"samples/{MAIN}" and other["samples"] == args.samples:
+            arm = key.split("/", 1)[1]
+            lines += ["", f"The arm {arm} (temperature {rows[f'ar/{arm}']['temperature']:g}), "
+                      f"{other['samples']} samples the same way: FID {other['fid']:.2f}, classifier accuracy "
+                      f"{other['accuracy']:.4f}."]
     r = rows.get("recon")
     if r:
         lines += ["", f"Tokenizer on {r['images']} test images (rFID: the test images against their "
@@ -138,7 +146,7 @@ def section(results: dict, args: argparse.Namespace) -> str:
             f"thread(s): `{s.get('command', '?')}`" for s in sessions[1:]) + "."]
     if missing:
         lines += ["", f"**Partial: still running or not yet started: {', '.join(missing)}.**"]
-    lines += [""] + _training(rows) + _main_results(rows) + _ablation(rows, args)
+    lines += [""] + _training(rows) + _main_results(rows, args) + _ablation(rows, args)
     lines += _soft_labels(rows.get("soft-labels"))
     lines += ["", "Wall time per piece (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in rows.items())]
     return "\n".join(lines) + "\n"
