@@ -111,8 +111,10 @@ def main() -> None:
     (docs / "img").mkdir(parents=True, exist_ok=True)
     results = load(out / "results.json")
     rows = results.setdefault("reference", {})
-    results["reference_machine"] = m = machine.machine(args.workers)
-    results.setdefault("reference_sessions", []).append(m)  # every invocation: a resumed run shows them all
+    sessions = results.setdefault("reference_sessions", [])  # every invocation: a resumed run shows them all
+    if "reference_machine" in results:  # results.json of a run started before sessions were kept
+        sessions.insert(0, results.pop("reference_machine"))
+    sessions.append(m := machine.machine(args.workers))
     print(f"machine: {machine.describe(m)}\ncommand: {m['command']}", flush=True)
     results["reference_estimate"] = estimate(args, out, depth=4 if "vae" not in rows else
                                              RQVAE.from_pretrained(out / "vae" / "model").config.depth)

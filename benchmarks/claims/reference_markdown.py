@@ -132,7 +132,7 @@ def _soft_labels(row: dict | None) -> list[str]:
 
 def section(results: dict, args: argparse.Namespace) -> str:
     rows = results.get("reference", {})
-    sessions = results.get("reference_sessions") or [results.get("reference_machine", {})]
+    sessions = results.get("reference_sessions") or [{}]
     m = sessions[0]
     missing = [n for phase in phases() for n in phase if n not in rows]
     lines = ["## Reference run (Fashion-MNIST, trained to a plateau)", "",

@@ -27,10 +27,10 @@ def codebook_report(vae: torch.nn.Module, dataset: Any, count: int | None = 2000
     """Code usage and residual norms per depth over ``count`` images of ``dataset`` (all if None); for each
     of ``temperatures``, how soft stage 2's targets would be (:func:`soft_label_stats`, per depth)."""
     vae.eval()
-    soft = {float(t): torch.zeros(2, vae.quantizer.depth, dtype=torch.float64) for t in temperatures}
-    gen = torch.Generator().manual_seed(seed)
     rq = vae.quantizer
     D, K = rq.depth, rq.codebook_size
+    soft = {float(t): torch.zeros(2, D, dtype=torch.float64) for t in temperatures}
+    gen = torch.Generator().manual_seed(seed)
     counts = torch.zeros(D, K, dtype=torch.float64)
     res_norm = torch.zeros(D + 1, dtype=torch.float64)  # sum over vectors of ||r_d||, d = 0..D
     n = 0
@@ -38,7 +38,7 @@ def codebook_report(vae: torch.nn.Module, dataset: Any, count: int | None = 2000
         z = vae.encode_latent(x).reshape(-1, rq.dim).float()  # (N, n_z)
         codes = rq.encode(z)  # (N, D)
         for t, acc in soft.items():  # sums over vectors of (entropy, drawn == greedy) per depth
-            st = soft_label_stats(rq, z, t, gen)
+            st = soft_label_stats(rq, z, t, gen, greedy=codes)
             acc += torch.tensor([st["entropy_bits"], st["greedy_share"]], dtype=torch.float64) * z.shape[0]
         for d in range(D):
             counts[d] += torch.bincount(codes[:, d], minlength=K).double()

@@ -35,13 +35,15 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def soft_label_stats(quantizer: torch.nn.Module, z: torch.Tensor, temperature: float,
-                     generator: torch.Generator | None = None) -> dict[str, list[float]]:
+                     generator: torch.Generator | None = None,
+                     greedy: torch.Tensor | None = None) -> dict[str, list[float]]:
     """How soft the targets of Eq. 15 are at ``temperature`` on latents z (..., n_z), per depth:
     ``entropy_bits`` (mean entropy of Q_tau, in bits; log2 K means uniform) and ``greedy_share`` (the
-    fraction of positions where the code drawn from Q_tau is the greedy one). tau acts on squared latent
-    distances, so the same tau is sharp for one tokenizer and near-uniform for another."""
+    fraction of positions where the code drawn from Q_tau is the greedy one; ``greedy``: ``encode(z)`` when
+    the caller has it). tau acts on squared latent distances, so the same tau is sharp for one tokenizer and
+    near-uniform for another."""
     probs, drawn = quantizer.soft_codes(z, temperature, stochastic=True, generator=generator)  # (.., D, K)
-    greedy = quantizer.encode(z)  # (..., D)
+    greedy = quantizer.encode(z) if greedy is None else greedy  # (..., D)
     entropy = -(probs * probs.clamp_min(1e-30).log2()).sum(-1).reshape(-1, probs.shape[-2])  # (N, D)
     share = (drawn == greedy).float().reshape(-1, drawn.shape[-1])  # (N, D)
     return {"entropy_bits": entropy.mean(0).tolist(), "greedy_share": share.mean(0).tolist()}
