@@ -11,8 +11,10 @@ Each check runs on its own (a failure is reported, the others still run; exit co
    first and last loss, all losses finite, the bf16 speed-up.
 2. ``sampling``: ``RQTransformer.generate`` on the issue's two configs (w256 4+2 layers K 256; w512 8+2
    layers K 2048; 8x8x4 class-conditional codes, random weights) at batch 8 and 64: the optimised sampler
-   (``impl="fast"``) and the reference decode in fp32, the fast one in bf16; best of 3 calls after a warm-up
-   (``torch.cuda.synchronize`` around each). Both must draw identical codes for a fixed seed in fp32.
+   (``impl="fast"``) and the reference decode in fp32, the fast one in bf16, and on CUDA the fast one with
+   every step recorded as a CUDA graph (``impl="graphs"``, fp32 and bf16, its first call recording); best of
+   3 calls after a warm-up (``torch.cuda.synchronize`` around each). Each must draw the reference decode's
+   codes for a fixed seed in fp32.
 3. ``memory``: the paper's ``imagenet-480m`` preset, two AdamW steps in bf16 autocast at small batches:
    parameter count, ``torch.cuda.max_memory_allocated``, step time.
 4. ``distributed``: a one-rank process group (NCCL on CUDA, gloo on CPU), one all-reduce, and a short
@@ -217,17 +219,28 @@ def sampling_row(model: RQTransformer, batch: int, device: str, repeats: int) ->
         g = torch.Generator(device=device).manual_seed(0)
         return model.generate(cond, generator=g, dtype=dtype, impl=impl)
 
+    cuda = torch.device(device).type == "cuda"  # impl="graphs" records CUDA graphs: CUDA only
     fast, ref = call("fast", torch.float32), call("reference", torch.float32)  # also the warm-ups
+    graphs = call("graphs", torch.float32) if cuda else None  # records every step; later calls replay
     call("fast", torch.bfloat16)
     row: Row = {"batch": batch, "identical_fp32": torch.equal(fast, ref),
                 "equal_code_fraction": (fast == ref).float().mean().item()}
-    for key, impl, dtype in (("fast_fp32_s", "fast", torch.float32), ("reference_fp32_s", "reference",
-                             torch.float32), ("fast_bf16_s", "fast", torch.bfloat16)):
+    timed = [("fast_fp32_s", "fast", torch.float32), ("reference_fp32_s", "reference", torch.float32),
+             ("fast_bf16_s", "fast", torch.bfloat16)]
+    if cuda:
+        call("graphs", torch.bfloat16)
+        row["graphs_identical_fp32"] = torch.equal(graphs, ref)
+        timed += [("graphs_fp32_s", "graphs", torch.float32), ("graphs_bf16_s", "graphs", torch.bfloat16)]
+    for key, impl, dtype in timed:
         row[key] = best_seconds(lambda impl=impl, dtype=dtype: call(impl, dtype), device, repeats)
     row["fast_vs_reference"] = row["reference_fp32_s"] / row["fast_fp32_s"]
     row["bf16_vs_fp32"] = row["fast_fp32_s"] / row["fast_bf16_s"]
-    if not row["identical_fp32"]:
-        row["problem"] = "the fast sampler and the reference decode drew different codes in fp32"
+    if cuda:
+        row["graphs_vs_fast_bf16"] = row["fast_bf16_s"] / row["graphs_bf16_s"]
+    names = {"identical_fp32": "the fast sampler", "graphs_identical_fp32": "the CUDA-graph sampler"}
+    wrong = [name for key, name in names.items() if row.get(key) is False]
+    if wrong:
+        row["problem"] = " and ".join(wrong) + " drew other codes than the reference decode in fp32"
     return row
 
 

@@ -150,6 +150,11 @@ class FastSampler:
             x = blk.step(x, self.s_kv[i], pos, self.config.n_heads)
         return x
 
+    def depth_logits(self, v: torch.Tensor, d: int) -> torch.Tensor:  # (Bx, C) at depth slot d -> (Bx, K_d)
+        for i, blk in enumerate(self.depth):
+            v = blk.step(v, self.d_kv[i], d, self.config.depth_heads)
+        return self.heads[d](F.layer_norm(v, (self.config.width,), self.head_ln_w, self.head_ln_b))
+
     def decode_position(self, h: torch.Tensor, img_in: torch.Tensor,
                         sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth transformer at one position t from h_t (Bx, C) -> codes (Bx, D), and img_in (the slot's
@@ -159,11 +164,7 @@ class FastSampler:
         v = h + self.pos_depth[0]  # (Bx, C)
         cum = self.head_bias  # head_mlp(E_{t,d}) accumulated as table rows
         for d in range(D):
-            y = v
-            for i, blk in enumerate(self.depth):
-                y = blk.step(y, self.d_kv[i], d, self.config.depth_heads)
-            hid = F.layer_norm(y, (self.config.width,), self.head_ln_w, self.head_ln_b)
-            code = sampler.draw(self.heads[d](hid), d)  # (Bx,)
+            code = sampler.draw(self.depth_logits(v, d), d)  # (Bx,)
             codes[:, d] = code
             img_in = img_in + F.embedding(code, self.input_table[d])  # (Bx, C)
             if d + 1 < D:
@@ -173,13 +174,15 @@ class FastSampler:
         return codes, img_in
 
 
-def generate_fast(model: nn.Module, cond: torch.Tensor, sampler: Sampler,
-                  dt: torch.dtype | None) -> torch.Tensor:
+def generate_fast(model: nn.Module, cond: torch.Tensor, sampler: Sampler, dt: torch.dtype | None,
+                  fs: FastSampler | None = None) -> torch.Tensor:
     """Codes (Bx, T, D) for a checked condition (Bx, L) of an RQTransformer; same maths as the reference.
-    ``dt``: the matmul dtype; None picks the faster one per weight shape (see :func:`_linear`)."""
+    ``dt``: the matmul dtype; None picks the faster one per weight shape (see :func:`_linear`).
+    ``fs``: a prepared sampler for Bx rows of this model (e.g. a
+    :class:`~rqvae.models.generate_graphs.GraphSampler` kept across calls); default: a new FastSampler."""
     c = model.config
     T, L = c.num_positions, c.cond_len
-    fs = FastSampler(model, dt, cond.shape[0])
+    fs = fs if fs is not None else FastSampler(model, dt, cond.shape[0])
     x_cond = model.cond_emb(cond) + model.pos_cond  # (Bx, L, C): the condition tokens, one step each
     for j in range(L):
         h = fs.spatial_step(x_cond[:, j], j)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from rqvae.errors import UserError
 from rqvae.models.generate_fast import generate_fast
+from rqvae.models.generate_graphs import graph_sampler
 from rqvae.models.hub import PretrainedMixin
 from rqvae.models.sampling import Sampler, default_dtype
 from rqvae.models.transformer_blocks import Block, KVCache, OutputHead
@@ -280,9 +281,11 @@ class RQTransformer(PretrainedMixin, nn.Module):
         impl: "reference" runs :meth:`_generate_reference` (this module's blocks with KV caches), "fast"
         the optimised :func:`rqvae.models.generate_fast.generate_fast` (same maths, packed weights, 1.1-3x
         faster on a CPU at batch 8); "auto" picks the fast one. Both draw the same codes in fp32.
+        "graphs" (CUDA only): the fast sampler with every step recorded as a CUDA graph and replayed
+        (:mod:`rqvae.models.generate_graphs`), kept for later calls with the same batch size and weights.
         """
-        if impl not in ("auto", "reference", "fast"):
-            raise UserError(f"impl must be 'auto', 'reference' or 'fast', got {impl!r}")
+        if impl not in ("auto", "reference", "fast", "graphs"):
+            raise UserError(f"impl must be 'auto', 'reference', 'fast' or 'graphs', got {impl!r}")
         device = self.codebook.device
         cond = self.check_cond(cond, batch_size=batch_size)  # (B, L)
         B = cond.shape[0]
@@ -296,6 +299,9 @@ class RQTransformer(PretrainedMixin, nn.Module):
         with torch.inference_mode():
             if impl == "reference":
                 out = self._generate_reference(cond, sampler, dtype or default_dtype(device))
+            elif impl == "graphs":
+                out = generate_fast(self, cond, sampler, dtype,
+                                    fs=graph_sampler(self, dtype, cond.shape[0]))  # (Bx, T, D)
             else:
                 out = generate_fast(self, cond, sampler, dtype)  # (Bx, T, D)
         return out[:B].reshape(B, *self.config.code_shape).clone()  # clone: a normal tensor, not an
