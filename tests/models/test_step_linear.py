@@ -53,6 +53,24 @@ def test_measured_once_per_shape_and_kept_on_disk(fresh, tmp_path):
     assert sl.step_dtype(1024, 256, 8) == torch.bfloat16 and len(calls) == 2
 
 
+def test_an_isa_restricted_process_measures_again(fresh, monkeypatch):
+    """A process limited to AVX2 (ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS / ATEN_CPU_CAPABILITY) runs
+    bf16 emulated, so it must not reuse the answer measured without the limit on the same CPU."""
+    calls, times = fresh
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(var, raising=False)
+    times.update(bf16=0.5)
+    assert sl.step_dtype(1024, 256, 8) == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    sl._choices.cache_clear()  # a new process with the limit
+    times.update(bf16=20.0)
+    assert sl.step_dtype(1024, 256, 8) == torch.float32 and len(calls) == 2
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    unrestricted = sl.machine_key()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # ATEN_CPU_CAPABILITY
+    assert sl.machine_key() != unrestricted
+
+
 def test_environment_forces_a_dtype(fresh, monkeypatch):
     calls, _ = fresh
     monkeypatch.setenv("RQVAE_MATMUL_DTYPE", "bf16")

@@ -85,7 +85,10 @@ class StepLinear:
 
 
 def machine_key() -> str:
-    """CPU model, the flags that decide matmul speed, torch version and thread count, as a short hash."""
+    """CPU model, the flags that decide matmul speed, the instruction set torch's kernels dispatch to and the
+    limits set on oneDNN's and MKL's (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``,
+    ``MKL_ENABLE_INSTRUCTIONS``: a CPU restricted to AVX2 emulates bf16), torch version and thread count, as a
+    short hash."""
     flags, model = "", ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -97,7 +100,10 @@ def machine_key() -> str:
                     break
     except OSError:
         pass
-    text = f"{model or platform.processor()}|{flags}|{torch.__version__}|{torch.get_num_threads()}"
+    isa = "|".join([torch.backends.cpu.get_cpu_capability()]
+                   + [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                                                      "MKL_ENABLE_INSTRUCTIONS") if v in os.environ])
+    text = f"{model or platform.processor()}|{flags}|{isa}|{torch.__version__}|{torch.get_num_threads()}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
