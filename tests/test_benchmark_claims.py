@@ -66,3 +66,9 @@ def test_plateau_reads_the_last_two_values(tmp_path):
     p = curves.plateau(tmp_path, "val/x")
     assert p["last_two"] == [(2, 4.0), (4, 5.5)] and p["rel_change"] == pytest.approx(0.375)
     assert "rel_change" not in curves.plateau(tmp_path, "missing")
+
+
+def test_plateau_skips_the_end_of_run_validation_right_after_a_regular_one():
+    pts = [[333, 20.0], [666, 22.0], [999, 23.0], [1332, 24.0], [1665, 24.4], [1998, 24.6], [2000, 24.6]]
+    p = curves.plateau_of(pts, "val/psnr")  # 1998 -> 2000 would show no change: compare with 1665
+    assert p["last_two"] == [(1665, 24.4), (2000, 24.6)] and p["rel_change"] == pytest.approx(0.2 / 24.4)

@@ -1,5 +1,5 @@
-"""Plateau evidence from a run's ``metrics.jsonl``: the last two logged values of a metric and the
-relative change between them."""
+"""Plateau evidence from a run's ``metrics.jsonl``: the last value of a metric, the one a logging interval
+before it, and the relative change between them."""
 
 from __future__ import annotations
 
@@ -21,13 +21,23 @@ def curve(run: Path, key: str) -> list[tuple[int, float]]:
 
 
 def plateau(run: Path, key: str) -> dict:
-    """{"key", "curve", "last_two", "rel_change"}: rel_change = (last - previous) / |previous|."""
-    pts = curve(run, key)
+    """:func:`plateau_of` the run's logged ``key``."""
+    return plateau_of(curve(run, key), key)
+
+
+def plateau_of(pts: list, key: str) -> dict:
+    """{"key", "curve", "last_two", "rel_change"}: rel_change = (last - previous) / |previous|, previous being
+    the latest value at least half a typical logging interval (the median gap) before the last one: the
+    validation a run adds at its very end (e.g. steps 1998 and 2000) would otherwise show no change at all."""
+    pts = [tuple(p) for p in pts]
     out: dict = {"key": key, "curve": pts}
     if len(pts) >= 2:
-        (_, a), (_, b) = pts[-2], pts[-1]
-        out["last_two"] = [pts[-2], pts[-1]]
-        out["rel_change"] = (b - a) / abs(a) if a else float("nan")
+        gaps = sorted(b[0] - a[0] for a, b in zip(pts, pts[1:]))
+        half = gaps[len(gaps) // 2] / 2
+        last = pts[-1]
+        prev = [p for p in pts[:-1] if last[0] - p[0] >= half][-1]
+        out["last_two"] = [prev, last]
+        out["rel_change"] = (last[1] - prev[1]) / abs(prev[1]) if prev[1] else float("nan")
     return out
 
 

@@ -1,4 +1,4 @@
-"""The Table 4 bar chart."""
+"""The Table 4 figure: rFID and PSNR bars with the seed spread, and every validation curve."""
 
 from __future__ import annotations
 
@@ -13,13 +13,23 @@ def plot_table4(rows: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    names = [n for n in TOKENIZERS if n in rows]
     for ax, key, title in ((axes[0], "rfid", "rFID (lower is better)"), (axes[1], "psnr", "PSNR dB")):
-        names = [n for n in TOKENIZERS if n in rows]
         colors = ["tab:blue" if n.startswith("vq") else "tab:orange" for n in names]
-        ax.barh([rows[n]["label"] for n in names], [rows[n][key] for n in names], color=colors)
-        ax.set_title(title)
+        ax.barh([rows[n]["label"] for n in names], [rows[n][key] for n in names], color=colors,
+                xerr=[rows[n].get(f"{key}_spread", 0) for n in names], capsize=3)
+        ax.set_title(title + ", mean +- half the seed range")
         ax.invert_yaxis()
+    ax = axes[2]
+    for i, n in enumerate(names):
+        for j, pts in enumerate(rows[n].get("curves", [])):
+            steps, vals = zip(*pts) if pts else ((), ())
+            ax.plot(steps, vals, color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
+                    label=rows[n]["label"] if j == 0 else None)
+    ax.set_title("validation PSNR dB (every seed)")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
     fig.suptitle("Fashion-MNIST tokenizers: VQ (blue) vs RQ (orange), same training recipe")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
