@@ -4,6 +4,10 @@ one, and overridable."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ import torch
 import rqvae.models.sampling as sampling
 import rqvae.models.step_linear as sl
 from rqvae.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -26,6 +32,7 @@ def fresh(monkeypatch, tmp_path):
         return dict(times)
     monkeypatch.setattr(sl, "measure", fake)
     monkeypatch.setattr(sl, "onednn_linear_available", lambda: True)
+    monkeypatch.setattr(sl, "_onednn_bf16_isa", lambda: True)
     yield calls, times
     sl._choices.cache_clear()
 
@@ -87,6 +94,31 @@ def test_without_onednn_fp32(fresh, monkeypatch):
     times.update(bf16=0.1)
     monkeypatch.setattr(sl, "onednn_linear_available", lambda: False)
     assert sl.step_dtype(64, 64, 8) == torch.float32 and not calls
+
+
+def test_a_cpu_without_onednn_bf16_kernels_gets_fp32_unmeasured(fresh, monkeypatch):
+    calls, times = fresh
+    times.update(bf16=0.1)
+    monkeypatch.setattr(sl, "_onednn_bf16_isa", lambda: False)  # an AVX2-only CPU
+    assert sl.step_dtype(64, 64, 8) == torch.float32 and not calls
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 16), torch.randn(3, 16)
+    lin = sl.StepLinear(w, None, torch.bfloat16, 3)  # bf16 asked for anyway: aten's addmm, not oneDNN
+    assert not lin.onednn and torch.allclose(lin(x).float(), x @ w.t(), atol=0.1)
+
+
+def test_sampling_runs_on_a_cpu_limited_to_avx2(tmp_path):
+    """oneDNN's bf16 linear raises on an AVX2-only CPU; auto sampling must pick fp32 there, not crash.
+    The limit is set as such a CPU would have it: torch's kernels at AVX2, oneDNN and MKL capped at AVX2."""
+    code = ("import torch; from tests.helpers.ar_fixtures import make; m = make('class');"
+            "print(m.generate(torch.arange(2)).shape)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "RQVAE_CACHE": str(tmp_path)}
+    env.pop("RQVAE_MATMUL_DTYPE", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.Size([2, 4, 4, 2])" in done.stdout
 
 
 def test_real_measurement_returns_both_times():

@@ -42,14 +42,34 @@ def onednn_linear_available() -> bool:
             and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
 
 
+def onednn_bf16_available() -> bool:
+    """True when oneDNN's linear can run bf16 on this CPU: it needs AVX-512 (BW, VL, DQ), AVX-NE-CONVERT or
+    AMX. On an AVX2-only CPU (or under ``ONEDNN_MAX_CPU_ISA=AVX2``) its bf16 weight reorder raises, and
+    bf16 itself is emulated: fp32 there."""
+    return onednn_linear_available() and _onednn_bf16_isa()
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_bf16_isa() -> bool:
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        if probe is not None:
+            return bool(probe())
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+        return True
+    except RuntimeError:
+        return False
+
+
 class StepLinear:
     """x @ W^T + b (optionally then a GELU, "exact" or "sigmoid") for the few rows of one sampling step,
     in ``dt`` (input cast to it; output in it).
 
-    On a CPU with oneDNN's packed-weight linear: bf16 weights always take it (its bf16 kernels use the
-    CPU's bf16 instructions where aten's bf16 addmm does not); fp32 weights take it from
-    ONEDNN_MIN_WEIGHT entries (1.1-1.25x faster than MKL's sgemm for 8 rows on an AVX2 CPU from 512 x 1536
-    up, slower below 256 x 1024, measured with weights rotating through the L3 cache as in sampling). The
+    On a CPU with oneDNN's packed-weight linear: bf16 weights take it where oneDNN has bf16 kernels for the
+    CPU (:func:`onednn_bf16_available`; they use its bf16 instructions where aten's bf16 addmm does not);
+    fp32 weights take it from ONEDNN_MIN_WEIGHT entries (1.1-1.25x faster than MKL's sgemm for 8 rows on an
+    AVX2 CPU from 512 x 1536 up, slower below 256 x 1024, measured with weights rotating through the L3 cache
+    as in sampling). The
     weight is reordered once into oneDNN's blocked layout for a batch of ``rows`` and the exact GELU is
     fused. Otherwise (and without the private op): one addmm on the transposed weight (in, out). A missing
     bias is a zero one (adding zeros changes no value).
@@ -65,8 +85,9 @@ class StepLinear:
         if bias is None:
             bias = weight.new_zeros(weight.shape[0])
         big = weight.numel() >= self.ONEDNN_MIN_WEIGHT // (2 if self.fused else 1)
-        self.onednn = (weight.device.type == "cpu" and onednn_linear_available()
-                       and (dt == torch.bfloat16 or (dt == torch.float32 and big)))
+        self.onednn = weight.device.type == "cpu" and (
+            (dt == torch.bfloat16 and onednn_bf16_available())
+            or (dt == torch.float32 and big and onednn_linear_available()))
         if self.onednn:
             self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dt).contiguous(), rows)
             self.b = bias.detach().to(dt).contiguous()
@@ -131,7 +152,10 @@ def measure(out_features: int, in_features: int, rows: int, gelu: str | None = N
     times = {name: float("inf") for name in DTYPES}
     for _ in range(2):  # alternate, so both see the same machine load
         for name, dt in DTYPES.items():
-            times[name] = min(times[name], _time_linear(StepLinear(w, b, dt, rows, gelu), x))
+            try:
+                times[name] = min(times[name], _time_linear(StepLinear(w, b, dt, rows, gelu), x))
+            except RuntimeError:  # a kernel this CPU lacks: that dtype is never chosen
+                pass
     return times
 
 
@@ -180,7 +204,7 @@ def step_dtype(out_features: int, in_features: int, rows: int, gelu: str | None 
     forced = forced_dtype()
     if forced is not None:
         return forced
-    if not onednn_linear_available():  # aten's bf16 addmm: fast only with AMX, which has oneDNN anyway
+    if not onednn_bf16_available():  # aten's bf16 addmm: fast only with AMX, which has oneDNN anyway
         return torch.float32
     rows = 1 << max(0, rows - 1).bit_length()  # one measurement per power of two
     key = f"{rows}x{in_features}x{out_features}" + (f"+{gelu}" if gelu else "")
