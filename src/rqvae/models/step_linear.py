@@ -69,10 +69,9 @@ class StepLinear:
     CPU (:func:`onednn_bf16_available`; they use its bf16 instructions where aten's bf16 addmm does not);
     fp32 weights take it from ONEDNN_MIN_WEIGHT entries (1.1-1.25x faster than MKL's sgemm for 8 rows on an
     AVX2 CPU from 512 x 1536 up, slower below 256 x 1024, measured with weights rotating through the L3 cache
-    as in sampling). The
-    weight is reordered once into oneDNN's blocked layout for a batch of ``rows`` and the exact GELU is
-    fused. Otherwise (and without the private op): one addmm on the transposed weight (in, out). A missing
-    bias is a zero one (adding zeros changes no value).
+    as in sampling). The weight is reordered once into oneDNN's blocked layout for a batch of ``rows`` and
+    the exact GELU is fused. Otherwise (and without the private op): one addmm on the transposed weight
+    (in, out). A missing bias is a zero one (adding zeros changes no value).
     """
 
     ONEDNN_MIN_WEIGHT: ClassVar[int] = 2**19
