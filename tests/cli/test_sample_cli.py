@@ -58,6 +58,13 @@ def test_class_samples_pngs_grid_and_seed(folders, tmp_path, capsys):
     assert (tmp_path / "c" / "grid.png").read_bytes() != (tmp_path / "a" / "grid.png").read_bytes()
 
 
+def test_impl_reference_draws_the_fast_samplers_images(folders, tmp_path):
+    args = ("--class", "2", "--n", "3", "--dtype", "fp32", "--seed", "3")
+    assert run(folders, "class", tmp_path / "f", *args, "--impl", "fast") == 0
+    assert run(folders, "class", tmp_path / "r", *args, "--impl", "reference") == 0
+    assert (tmp_path / "f" / "grid.png").read_bytes() == (tmp_path / "r" / "grid.png").read_bytes()
+
+
 def test_text_and_uncond_models(folders, tmp_path):
     assert run(folders, "text", tmp_path / "t", "--text", "a red dress", "--n", "2") == 0
     assert len(list((tmp_path / "t" / "images").glob("*.png"))) == 2
@@ -73,6 +80,7 @@ def test_text_and_uncond_models(folders, tmp_path):
     ("uncond", ("--cfg-scale", "2"), "null condition"),
     ("class", ("--class", "1", "--top-k", "1,2"), "code depths"),
     ("class", ("--class", "1", "--top-k", "x"), "--top-k"),
+    ("class", ("--class", "1", "--impl", "graphs"), "CUDA"),
 ])
 def test_user_errors(folders, tmp_path, capsys, model, extra, message):
     assert run(folders, model, tmp_path / "e", "--n", "1", *extra) == 2

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="matmul dtype while sampling (auto: bf16 on CUDA; on a CPU the faster of fp32 "
                         "and bf16 for each weight shape, measured once per machine)")
+    parser.add_argument("--impl", choices=("auto", "reference", "fast", "graphs"), default="auto",
+                        help="sampler: auto = fast; reference = the model's own blocks with KV caches; graphs "
+                             "(CUDA only) = fast with each step recorded as a CUDA graph and replayed")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(n))")
 
 
@@ -129,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         b = min(args.batch_size, args.n - start)
         c = None if cond is None else cond[start:start + b].to(device)
         codes = model.generate(c, batch_size=b, temperature=pick(temperature), top_k=pick(top_k),
-                               top_p=pick(top_p), cfg_scale=args.cfg_scale, generator=g, dtype=dtype)
+                               top_p=pick(top_p), cfg_scale=args.cfg_scale, generator=g, dtype=dtype,
+                               impl=args.impl)
         with torch.no_grad():
             images.append(vae.decode(codes).float().clamp(-1, 1).cpu())  # (b, C, H, W)
     seconds = time.perf_counter() - t0
