@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from claims import chunks, curves, sections, spread  # noqa: E402
+from claims import chunks, curves, sections, spread, table4  # noqa: E402
 
 
 def test_replace_section_keeps_the_rest(tmp_path):
@@ -72,3 +72,25 @@ def test_plateau_skips_the_end_of_run_validation_right_after_a_regular_one():
     pts = [[333, 20.0], [666, 22.0], [999, 23.0], [1332, 24.0], [1665, 24.4], [1998, 24.6], [2000, 24.6]]
     p = curves.plateau_of(pts, "val/psnr")  # 1998 -> 2000 would show no change: compare with 1665
     assert p["last_two"] == [(1665, 24.4), (2000, 24.6)] and p["rel_change"] == pytest.approx(0.2 / 24.4)
+
+
+def _t4_rows(values: dict[str, list[float]]) -> dict[str, list[dict]]:
+    labels = {"vq-8x8x1-K256": "VQ 8x8x1, K=256", "vq-8x8x1-K4096": "VQ 8x8x1, K=4096",
+              "rq-8x8x4-K256": "RQ 8x8x4, K=256", "vq-16x16x1-K256": "VQ 16x16x1, K=256"}
+    return {n: [{"label": labels[n], "rfid": v, "psnr": 30 - v / 10, "ssim": 0.9 - v / 1000} for v in vals]
+            for n, vals in values.items()}
+
+
+def test_table4_verdicts_judge_depth_codebook_and_equal_codes():
+    rows = _t4_rows({"vq-8x8x1-K256": [32.0, 32.2], "vq-8x8x1-K4096": [27.3, 29.1],
+                     "rq-8x8x4-K256": [22.0, 22.4], "vq-16x16x1-K256": [16.5, 16.1]})
+    rfid = next(line for line in table4.verdicts(rows) if line.startswith("- rFID"))
+    assert "4096: VQ 8x8x1, K=4096 minus VQ 8x8x1, K=256: -3.90 (VQ 8x8x1, K=4096 better)" in rfid
+    assert "codebook: RQ 8x8x4, K=256 minus VQ 8x8x1, K=4096: -6.00 (RQ 8x8x4, K=256 better)" in rfid
+    assert "per image: RQ 8x8x4, K=256 minus VQ 16x16x1, K=256: +5.90 (VQ 16x16x1, K=256 better)" in rfid
+    close = _t4_rows({"vq-8x8x1-K256": [32.0, 32.2], "vq-8x8x1-K4096": [27.3, 29.1],
+                      "rq-8x8x4-K256": [22.0, 22.4], "vq-16x16x1-K256": [22.0, 22.6]})
+    assert "equal codes per image: RQ 8x8x4, K=256 minus VQ 16x16x1, K=256: -0.10 (no difference)" in \
+        next(line for line in table4.verdicts(close) if line.startswith("- rFID"))
+    del rows["vq-16x16x1-K256"]
+    assert "equal codes" not in "".join(table4.verdicts(rows))

@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="matmul dtype while sampling (auto: bf16 on CUDA; on a CPU the faster of fp32 "
                         "and bf16 for each weight shape, measured once per machine)")
     parser.add_argument("--impl", choices=("auto", "reference", "fast", "graphs"), default="auto",
-                        help="sampler: auto = fast; reference = the model's own blocks with KV caches; graphs "
-                             "(CUDA only) = fast with each step recorded as a CUDA graph and replayed")
+                        help="sampler: auto = fast; reference = the model's own blocks with KV caches; "
+                             "graphs (CUDA only) = fast with each step recorded as a CUDA graph and replayed")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(n))")
 
 
