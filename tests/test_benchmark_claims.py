@@ -94,3 +94,17 @@ def test_table4_verdicts_judge_depth_codebook_and_equal_codes():
         next(line for line in table4.verdicts(close) if line.startswith("- rFID"))
     del rows["vq-16x16x1-K256"]
     assert "equal codes" not in "".join(table4.verdicts(rows))
+
+
+def test_table4_summary_names_the_winner_and_how_sure():
+    depth = _t4_rows({"vq-8x8x1-K256": [32.0, 32.2], "vq-8x8x1-K4096": [27.3, 29.1],
+                      "rq-8x8x4-K256": [22.0, 22.4], "vq-16x16x1-K256": [16.5, 16.1]})
+    text = "\n".join(table4.verdicts(depth))
+    assert "**Verdict: depth beats codebook size here**" in text and "rFID 3.3x" in text  # 6.0 / 1.8
+    assert "the finer map wins" in text
+    codebook = _t4_rows({"vq-8x8x1-K256": [32.0, 32.2], "vq-8x8x1-K4096": [20.0, 20.4],
+                         "rq-8x8x4-K256": [26.0, 26.4]})
+    assert "**Verdict: codebook size beats depth here**" in "\n".join(table4.verdicts(codebook))
+    one = _t4_rows({"vq-8x8x1-K256": [32.0], "vq-8x8x1-K4096": [27.3], "rq-8x8x4-K256": [22.0]})
+    text = "\n".join(table4.verdicts(one))
+    assert "no clear winner" in text and "one seed, no spread measured" in text

@@ -21,6 +21,11 @@ def plot_table4(rows: dict, path: Path) -> Path:
                 xerr=[rows[n].get(f"{key}_spread", 0) for n in names], capsize=3)
         ax.set_title(title + ", mean +- half the seed range")
         ax.invert_yaxis()
+    floor = next((rows[n]["floor"] for n in names if "floor" in rows[n]), None)
+    if floor is not None:  # what real images score against the same test images at this size
+        axes[0].axvline(floor, color="black", linestyle="--", linewidth=1)
+        axes[0].annotate(f"floor {floor:.2f}", (floor, 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(3, -12), textcoords="offset points", fontsize=8)
     ax = axes[2]
     for i, n in enumerate(names):
         for j, pts in enumerate(rows[n].get("curves", [])):
