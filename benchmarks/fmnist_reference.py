@@ -112,9 +112,12 @@ def main() -> None:
     results = load(out / "results.json")
     rows = results.setdefault("reference", {})
     sessions = results.setdefault("reference_sessions", [])  # every invocation: a resumed run shows them all
-    if "reference_machine" in results:  # results.json of a run started before sessions were kept
-        sessions.insert(0, results.pop("reference_machine"))
-    sessions.append(m := machine.machine(args.workers))
+    legacy = results.get("reference_machine")  # results.json of a run started before sessions were kept
+    if legacy and legacy not in sessions:  # (kept in the file: saving merges with it)
+        sessions.insert(0, legacy)
+    m = machine.machine(args.workers)
+    if any(n not in rows for phase in reference.phases() for n in phase):  # a run that only rewrites the
+        sessions.append(m)  # docs of a finished one is not a session of it
     print(f"machine: {machine.describe(m)}\ncommand: {m['command']}", flush=True)
     results["reference_estimate"] = estimate(args, out, depth=4 if "vae" not in rows else
                                              RQVAE.from_pretrained(out / "vae" / "model").config.depth)

@@ -149,4 +149,8 @@ def section(results: dict, args: argparse.Namespace) -> str:
     lines += [""] + _training(rows) + _main_results(rows, args) + _ablation(rows, args)
     lines += _soft_labels(rows.get("soft-labels"))
     lines += ["", "Wall time per piece (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in rows.items())]
+    total, workers = sum(v["seconds"] for v in rows.values()), m.get("workers") or 1
+    lines += ["", f"In all {total:.0f} s of worker time (the pieces summed; a piece that shared the machine "
+              f"with other jobs took longer): about {total / workers / 3600:.1f} h of wall time with "
+              f"{workers} worker processes."]
     return "\n".join(lines) + "\n"
