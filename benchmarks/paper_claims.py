@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def table4(args: argparse.Namespace, out: Path, results: dict) -> None:
     rows = results.setdefault("table4", {})
-    keys = [row_key(name, seed, args) for name in TOKENIZERS for seed in args.seeds]
+    keys = [row_key(name, seed, args) for name in args.tokenizers for seed in args.seeds]
     for key in keys:
         if key in rows:
             print(f"[table 4] {key}: done before ({rows[key]['rfid']:.2f} rFID)")
@@ -75,6 +75,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1000, help="generated images per ablation arm")
     p.add_argument("--seed", type=int, default=0, help="seed of Table 2's arms")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every Table 4 tokenizer")
+    p.add_argument("--tokenizers", nargs="+", choices=list(TOKENIZERS), default=list(TOKENIZERS),
+                   help="train only these Table 4 tokenizers (e.g. another seed for two of them); the table "
+                   "shows every tokenizer with rows")
     p.add_argument("--bf16", action="store_true", help="train Table 4's tokenizers under bf16 autocast where "
                    "it is measured faster (float32 elsewhere); rows are keyed apart from float32 rows")
     p.add_argument("--only", choices=("table4", "table2", "all"), default="all")
@@ -87,7 +90,8 @@ def main() -> None:
     (docs / "img").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     results = load(out / "results.json")
-    t4 = f"--vae-steps {args.vae_steps} --seeds {' '.join(map(str, args.seeds))}"
+    t4 = f"--vae-steps {args.vae_steps} --seeds {' '.join(map(str, args.seeds))}" + (
+        f" --tokenizers {' '.join(args.tokenizers)}" if args.tokenizers != list(TOKENIZERS) else "")
     t2 = f"--ar-steps {args.ar_steps} --batch-size {args.batch_size} --samples {args.samples}"
     results["command"] = " ".join(  # the options that shape what this run measured
         [*([t4] if args.only != "table2" else []), *([t2] if args.only != "table4" else []),
