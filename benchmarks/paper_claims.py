@@ -93,10 +93,13 @@ def main() -> None:
     t4 = f"--vae-steps {args.vae_steps} --seeds {' '.join(map(str, args.seeds))}" + (
         f" --tokenizers {' '.join(args.tokenizers)}" if args.tokenizers != list(TOKENIZERS) else "")
     t2 = f"--ar-steps {args.ar_steps} --batch-size {args.batch_size} --samples {args.samples}"
-    results["command"] = " ".join(  # the options that shape what this run measured
+    command = " ".join(  # the options that shape what this run measured
         [*([t4] if args.only != "table2" else []), *([t2] if args.only != "table4" else []),
          f"--eval-images {args.eval_images}", *(["--bf16"] if args.bf16 else []),
          *([f"--only {args.only}"] if args.only != "all" else [])])
+    commands = results.setdefault("commands", [])  # every invocation whose rows the docs show, in order
+    if command not in commands:
+        commands.append(command)
     if args.only in ("table4", "all"):
         table4(args, out, results)
         plot_table4(means(by_tokenizer(results["table4"], args)), docs / "img" / "paper_claims_table4.png")

@@ -11,12 +11,15 @@ from claims.sections import write_keeping_sections
 
 
 def _header(results: dict, args: argparse.Namespace) -> list[str]:
+    commands = results.get("commands") or [results.get("command", "?")]  # (results.json of older runs)
     return [
         "# Results: the paper's claims at small scale (Fashion-MNIST, CPU)",
         "",
-        "Measured by `benchmarks/paper_claims.py` on this project's 2-core CPU machine:",
+        "Measured by `benchmarks/paper_claims.py` on this project's 2-core CPU machine"
+        + (" (in this order; each invocation keeps the rows of those before it):" if len(commands) > 1
+           else ":"),
         "",
-        f"    .venv/bin/python benchmarks/paper_claims.py {results['command']}",
+        *(f"    .venv/bin/python benchmarks/paper_claims.py {c}" for c in commands),
         "",
         f"Run finished {results.get('finished', '?')}; FID InceptionV3 features throughout.",
         "",

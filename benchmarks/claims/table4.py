@@ -116,7 +116,7 @@ def summary(rows: dict[str, list[dict]], big_k: str, deep: str, fine: str) -> li
     if runs < 2:
         text += " How sure: one seed, no spread measured."
     else:
-        text += (f" How sure: {runs} seeds per tokenizer, so each spread is the range of {runs} runs (a "
+        text += (f" How sure: {runs} seeds of each of the two, so each spread is the range of {runs} runs (a "
                  "crude estimate); each difference is this many times the larger of the two spreads: "
                  + ", ".join(f"{t} {r:.1f}x" for t, r in ratio.items()) + ".")
     out = [text]
