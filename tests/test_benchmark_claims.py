@@ -92,6 +92,8 @@ def test_table4_verdicts_judge_depth_codebook_and_equal_codes():
                       "rq-8x8x4-K256": [22.0, 22.4], "vq-16x16x1-K256": [22.0, 22.6]})
     assert "equal codes per image: RQ 8x8x4, K=256 minus VQ 16x16x1, K=256: -0.10 (no difference)" in \
         next(line for line in table4.verdicts(close) if line.startswith("- rFID"))
+    assert "At equal codes per image RQ 8x8x4, K=256 vs VQ 16x16x1, K=256 by rFID: no difference" in \
+        "\n".join(table4.verdicts(close))
     del rows["vq-16x16x1-K256"]
     assert "equal codes" not in "".join(table4.verdicts(rows))
 

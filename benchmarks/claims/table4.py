@@ -127,8 +127,9 @@ def summary(rows: dict[str, list[dict]], big_k: str, deep: str, fine: str) -> li
                     f"({eq_ratio['rFID']:.1f}x the spread), where the paper's ImageNet tokenizers are close "
                     "(4.32 vs 4.73)."]
         else:
-            out += ["", f"At equal codes per image {lab[deep]} vs {lab[fine]} by rFID: "
-                    f"{'RQ better' if eq['rFID'] == 'b' else eq['rFID']} (the paper: close, 4.73 vs 4.32)."]
+            won_eq = f"{lab[deep]} better" if eq["rFID"] == "b" else eq["rFID"]
+            out += ["", f"At equal codes per image {lab[deep]} vs {lab[fine]} by rFID: {won_eq} (the paper: "
+                    "close, 4.73 vs 4.32)."]
     return out
 
 
