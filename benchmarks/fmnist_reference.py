@@ -116,8 +116,8 @@ def main() -> None:
     if legacy and legacy not in sessions:  # (kept in the file: saving merges with it)
         sessions.insert(0, legacy)
     m = machine.machine(args.workers)
-    if any(n not in rows for phase in reference.phases() for n in phase):  # a run that only rewrites the
-        sessions.append(m)  # docs of a finished one is not a session of it
+    if reference.unfinished(rows):  # a run that only rewrites a finished run's docs is not a session of it
+        sessions.append(m)
     print(f"machine: {machine.describe(m)}\ncommand: {m['command']}", flush=True)
     results["reference_estimate"] = estimate(args, out, depth=4 if "vae" not in rows else
                                              RQVAE.from_pretrained(out / "vae" / "model").config.depth)

@@ -207,3 +207,8 @@ def phases() -> list[list[str]]:
     return [["vae", "classifier", "real-test", "real-train"],
             ["recon", *(f"ar/{a}" for a in ARMS)],  # recon first: one AR arm builds the code cache alone
             [f"samples/{a}" for a in ARMS] + ["soft-labels"]]
+
+
+def unfinished(rows: dict) -> list[str]:
+    """The pieces not in ``rows`` yet, in run order."""
+    return [n for phase in phases() for n in phase if n not in rows]

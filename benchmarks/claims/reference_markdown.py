@@ -6,7 +6,7 @@ import argparse
 import math
 
 from claims import curves, machine, spread
-from claims.reference import ARMS, MAIN, PAPER_TAU, REF_ARMS, SEEDS, phases
+from claims.reference import ARMS, MAIN, PAPER_TAU, REF_ARMS, SEEDS, unfinished
 
 SECTION = "reference-run"
 
@@ -134,7 +134,7 @@ def section(results: dict, args: argparse.Namespace) -> str:
     rows = results.get("reference", {})
     sessions = results.get("reference_sessions") or [{}]
     m = sessions[0]
-    missing = [n for phase in phases() for n in phase if n not in rows]
+    missing = unfinished(rows)
     lines = ["## Reference run (Fashion-MNIST, trained to a plateau)", "",
              "Measured by `benchmarks/fmnist_reference.py`:", "", f"    {m.get('command', '?')}", "",
              f"Machine: {machine.describe(m) if m else '?'}. Started {m.get('started', '?')}; "
